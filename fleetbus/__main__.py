@@ -1,0 +1,5 @@
+import sys
+
+from fleetbus.cli import main
+
+sys.exit(main())

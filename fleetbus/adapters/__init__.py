@@ -1,0 +1,29 @@
+"""Adapter registry: one module per runtime, looked up by the roster's ``runtime`` name."""
+
+from __future__ import annotations
+
+from fleetbus.adapters.base import Adapter, SubmitProfile, find_markers, marker
+from fleetbus.adapters.python import PYTHON
+from fleetbus.adapters.shell import SHELL
+from fleetbus.adapters.stub import STUB
+
+ADAPTERS: dict[str, Adapter] = {a.name: a for a in (STUB, SHELL, PYTHON)}
+
+__all__ = ["ADAPTERS", "Adapter", "SubmitProfile", "find_markers", "get_adapter", "marker", "names"]
+
+
+def names() -> list[str]:
+    """Registered runtime names, sorted."""
+    return sorted(ADAPTERS)
+
+
+def get_adapter(name: str) -> Adapter:
+    """Return the adapter registered as ``name``.
+
+    Raises:
+        KeyError: no such runtime; the message lists the known ones.
+    """
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise KeyError(f"unknown runtime {name!r}; known runtimes: {', '.join(names())}") from None

@@ -1,0 +1,107 @@
+"""What fleetbus knows about one runtime: the :class:`Adapter` description.
+
+Adapters describe and never act: the router and the sidecar read them to launch a runtime, type
+into it, tell its prompt from typed text, and decide whether a pane's command is drift.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+#: The marker fleetbus puts in every framed message; ``<id>`` is the message id (12 hex chars).
+MARKER_PREFIX = "fleet#"
+MARKER_RE = re.compile(r"fleet#([0-9a-f]{12})\b")
+
+
+def marker(msg_id: str) -> str:
+    """Return the marker for message ``msg_id`` (``fleet#<id>``)."""
+    return f"{MARKER_PREFIX}{msg_id}"
+
+
+def find_markers(text: str) -> list[str]:
+    """Return the message ids of every marker in ``text``, in order of appearance."""
+    return MARKER_RE.findall(text)
+
+
+@dataclass(frozen=True)
+class SubmitProfile:
+    """How a message is submitted after it is pasted.
+
+    Attributes:
+        key: tmux key name sent after the paste (``Enter`` = carriage return).
+        delay_ms: milliseconds to wait between the end of the paste and the key, for TUIs that
+            debounce pastes.
+    """
+
+    key: str = "Enter"
+    delay_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Description of one runtime.
+
+    Attributes:
+        name: registry name used in rosters (``runtime: stub``).
+        command: default launch argv (a roster ``command`` overrides it per slot).
+        submit: the :class:`SubmitProfile`.
+        has_hook: True when the runtime reports accepted prompts itself (``fleet hook`` or an
+            in-process extension), so ``send --verify`` waits for a ``runtime-ack``; False means
+            the pane-diff fallback decides.
+        pane_commands: ``fnmatch`` patterns of ``pane_current_command`` values that are this
+            runtime (anything else is ``DRIFT``).
+        prompt: regex matching the prompt at the start of the input line; the text after it is
+            what the user (or an earlier message) typed.
+        clear_keys: tmux keys that empty the input line (``--on-busy-input=clear``).
+        reset_command: text submitted by ``fleet reset`` (None: the runtime has none).
+        interrupt_key: tmux key that stops the current turn or program.
+        marker_style: ``prefix`` puts ``[fleet#id from -> slot]`` before the body (agent TUIs);
+            ``comment`` appends ``  # [fleet#id from -> slot]`` to the last line, so a shell or
+            REPL runs the body unchanged.
+        env: extra environment for the runtime process.
+    """
+
+    name: str
+    command: tuple[str, ...]
+    submit: SubmitProfile = SubmitProfile()
+    has_hook: bool = False
+    pane_commands: tuple[str, ...] = ()
+    prompt: re.Pattern[str] = re.compile(r"^")
+    clear_keys: tuple[str, ...] = ("C-e", "C-u")
+    reset_command: str | None = None
+    interrupt_key: str = "C-c"
+    marker_style: Literal["prefix", "comment"] = "prefix"
+    env: dict[str, str] = field(default_factory=dict)
+
+    def frame(self, body: str, msg_id: str, sender: str, slot: str) -> str:
+        """Return the text typed into the slot for ``body``, carrying the message marker.
+
+        >>> from fleetbus.adapters import get_adapter
+        >>> get_adapter("stub").frame("hi", "0123456789ab", "ops", "a")
+        '[fleet#0123456789ab ops -> a] hi'
+        >>> get_adapter("shell").frame("echo hi", "0123456789ab", "ops", "sh0")
+        'echo hi  # [fleet#0123456789ab ops -> sh0]'
+        """
+        tag = f"[{marker(msg_id)} {sender} -> {slot}]"
+        if self.marker_style == "comment":
+            return f"{body.rstrip(chr(10))}  # {tag}"
+        return f"{tag} {body}"
+
+    def typed_text(self, input_line: str) -> str:
+        """Return what is typed on ``input_line`` after the prompt (stripped).
+
+        When the prompt is not recognised the whole line counts as typed text, so an unknown
+        screen is never mistaken for an empty input line.
+        """
+        m = self.prompt.match(input_line)
+        rest = input_line[m.end():] if m else input_line
+        return rest.strip()
+
+    def is_expected_command(self, command: str | None) -> bool:
+        """True when ``command`` (tmux ``pane_current_command``) is this runtime, not drift."""
+        if not command:
+            return False
+        return any(fnmatch.fnmatchcase(command, pat) for pat in self.pane_commands)

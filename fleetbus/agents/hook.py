@@ -1,0 +1,51 @@
+"""Runtime hook → sidecar: one Unix datagram per event, never blocking the runtime.
+
+Used in-process by the stub agent (as pi's and opencode's extensions do) and by ``fleet hook``
+for runtimes whose hooks run a command (Claude Code, Codex, Gemini CLI). The socket path comes
+from ``$FLEETBUS_HOOK_SOCKET``, which the transport sets in every slot's environment.
+
+A datagram to a socket nobody is bound to fails at once (``ENOENT``/``ECONNREFUSED``), and a full
+receive queue fails at once with ``EAGAIN``: either way the event is dropped, the hook returns
+False, and the runtime carries on. This module avoids pydantic so ``fleet hook`` starts fast;
+the frame matches :class:`fleetbus.protocol.HookEvent` (the sidecar validates it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+
+import msgpack
+
+_MARKER_RE = re.compile(r"fleet#([0-9a-f]{12})\b")
+EVENTS = ("prompt-submit", "turn-start", "turn-end", "session-start")
+
+
+def hook_frame(event: str, *, prompt: str = "", session_id: str | None = None, slot: str = "",
+               runtime: str = "") -> bytes:
+    """Encode a HOOK frame. Markers are taken from ``prompt``; ``prompt_head`` keeps 200 chars."""
+    frame = {
+        "v": 1, "kind": "HOOK", "event": event, "slot": slot, "runtime": runtime,
+        "markers": _MARKER_RE.findall(prompt), "prompt_head": prompt[:200], "at": time.time(),
+    }
+    if session_id:
+        frame["session_id"] = session_id
+    return msgpack.packb(frame, use_bin_type=True)
+
+
+def send_hook(event: str, *, prompt: str = "", session_id: str | None = None, path: str | None = None) -> bool:
+    """Send one hook event to the slot's sidecar. Returns False (never raises) when it is down."""
+    path = path or os.environ.get("FLEETBUS_HOOK_SOCKET")
+    if not path:
+        return False
+    data = hook_frame(event, prompt=prompt, session_id=session_id,
+                      slot=os.environ.get("FLEETBUS_SLOT", ""), runtime=os.environ.get("FLEETBUS_RUNTIME", ""))
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.sendto(data, path)
+        return True
+    except OSError:
+        return False

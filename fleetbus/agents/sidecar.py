@@ -1,0 +1,237 @@
+"""The sidecar of one slot: heartbeats, hook events, acknowledgements.
+
+Loop (Paranoid Pirate style, sidecar speaks first):
+
+1. Connect a DEALER (``linger=0``, ``immediate=1``, routing id ``sc:<slot>``; the router sets
+   ``ROUTER_HANDOVER`` so a restarted sidecar takes over) and send ``HELLO``.
+2. Every ``heartbeat_ms`` send ``PING{state}`` and rewrite ``<state>/run/<slot>.hb``
+   atomically (``ts=``, ``pid=``, ``status=``, ``heartbeat_ms=``, ``liveness=``), so
+   ``fleet ps`` tells the truth even when the router is down.
+3. Any frame from the router resets the liveness counter; after ``heartbeat_ms × liveness``
+   of silence the socket is closed and a new one connects with exponential backoff
+   (0.25 s doubling to 8 s). ``DISCONNECT`` (the router does not know us, e.g. after a router
+   restart) makes it send ``HELLO`` at once.
+4. Hook events arrive on a Unix datagram socket (``$FLEETBUS_HOOK_SOCKET``): ``prompt-submit``
+   yields an ``ACK`` for every fleet marker in the prompt; ``turn-start``/``turn-end`` set the
+   state to ``busy``/``idle`` and are reported with an immediate ``PING``. Acks that cannot be
+   sent (router down) are kept and sent after the next ``WELCOME``.
+
+Heartbeats come from the same event loop that handles hooks, so a wedged sidecar stops beating.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+
+import anyio
+import zmq
+import zmq.asyncio
+
+from fleetbus import protocol as P
+from fleetbus.config import Fleet
+from fleetbus.paths import FleetPaths, fleet_paths
+from fleetbus.router.procs import write_pidfile
+
+log = logging.getLogger("fleetbus.sidecar")
+
+BACKOFF_START_S = 0.25
+BACKOFF_MAX_S = 8.0
+
+
+class Sidecar:
+    """Sidecar of ``slot`` in ``fleet``."""
+
+    def __init__(self, fleet: Fleet, slot: str, paths: FleetPaths | None = None):
+        self.fleet = fleet
+        self.slot = fleet.slot(slot)
+        self.paths = paths or fleet_paths(fleet.tenant, fleet.roster.transport.socket)
+        self.heartbeat_ms = self.slot.heartbeat_ms
+        self.liveness = self.slot.liveness
+        self.state = "unknown"
+        self.session_id: str | None = None
+        self.pending_acks: list[P.Ack] = []
+        self.expected: dict[str, float] = {}
+        self.ctx = zmq.asyncio.Context()
+        self.sock: zmq.asyncio.Socket | None = None
+        self.welcomed = False
+        self._wake = anyio.Event()
+
+    # -- socket --------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, f"sc:{self.slot.name}".encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 100)
+        self.sock.connect(self.paths.router_endpoint)
+        self.welcomed = False
+
+    def _send(self, msg: P.BaseModel) -> bool:
+        """Non-blocking send; False when it cannot go out now (no connection, HWM)."""
+        if self.sock is None:
+            return False
+        fut = self.sock.send(P.encode(msg), flags=zmq.DONTWAIT)
+        if fut.done():
+            return fut.exception() is None
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return True
+
+    def _hello(self) -> bool:
+        return self._send(P.Hello(slot=self.slot.name, tenant=self.fleet.tenant, host=socket.gethostname(),
+                                  pid=os.getpid(), adapter=self.slot.runtime, caps=["hook"],
+                                  heartbeat_ms=self.heartbeat_ms))
+
+    def _ping(self) -> bool:
+        return self._send(P.Ping(state=self.state, session_id=self.session_id))
+
+    def _flush_acks(self) -> None:
+        while self.pending_acks and self.welcomed:
+            if not self._send(self.pending_acks[0]):
+                return
+            self.pending_acks.pop(0)
+
+    def write_heartbeat(self) -> None:
+        path = self.paths.heartbeat_file(self.slot.name)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(f"ts={time.time():.3f}\npid={os.getpid()}\nstatus={self.state}\n"
+                       f"heartbeat_ms={self.heartbeat_ms}\nliveness={self.liveness}\n"
+                       f"connected={int(self.welcomed)}\n")
+        os.replace(tmp, path)
+
+    def _on_frame(self, raw: bytes) -> None:
+        try:
+            msg = P.decode(raw)
+        except P.ProtocolError as e:
+            log.warning("dropped malformed frame from router: %s", e)
+            return
+        if isinstance(msg, P.Welcome):
+            self.heartbeat_ms, self.liveness = msg.heartbeat_ms, msg.liveness
+            self.welcomed = True
+            log.info("registered with router (heartbeat %d ms, liveness %d)", msg.heartbeat_ms, msg.liveness)
+            self._ping()
+            self._flush_acks()
+        elif isinstance(msg, P.Disconnect):
+            log.info("router asked to re-register: %s", msg.reason)
+            self.welcomed = False
+            self._hello()
+        elif isinstance(msg, P.Expect):
+            now = time.monotonic()
+            self.expected[msg.id] = now
+            for k, t in list(self.expected.items()):
+                if now - t > 3600:
+                    del self.expected[k]
+
+    async def _reader(self, sock: zmq.asyncio.Socket) -> None:
+        """The one reader of this socket incarnation; cancelled only when the socket is dropped."""
+        while True:
+            raw = await sock.recv()
+            self.last_recv = time.monotonic()
+            self._on_frame(raw)
+
+    async def bus_loop(self) -> None:
+        backoff = BACKOFF_START_S
+        while True:
+            self._connect()
+            assert self.sock is not None
+            self.last_recv = time.monotonic()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._reader, self.sock)
+                self._hello()
+                next_beat = time.monotonic()
+                while True:
+                    now = time.monotonic()
+                    if now >= next_beat:
+                        if self.welcomed:
+                            self._ping()
+                        else:
+                            self._hello()
+                        self.write_heartbeat()
+                        next_beat = now + self.heartbeat_ms / 1000
+                    silent = now - self.last_recv
+                    if silent > self.heartbeat_ms * self.liveness / 1000:
+                        log.warning("router silent for %.1f s; reconnecting in %.2f s", silent, backoff)
+                        break
+                    if self.welcomed:
+                        backoff = BACKOFF_START_S
+                    await anyio.sleep(max(0.001, next_beat - time.monotonic()))
+                tg.cancel_scope.cancel()
+            self.sock.close(linger=0)
+            self.sock = None
+            self.welcomed = False
+            self.write_heartbeat()
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def on_hook(self, ev: P.HookEvent) -> None:
+        if ev.event == "prompt-submit":
+            for msg_id in ev.markers:
+                ack = P.Ack(id=msg_id, at=ev.at, session_id=ev.session_id)
+                if not (self.welcomed and self._send(ack)):
+                    self.pending_acks.append(ack)
+                self.expected.pop(msg_id, None)
+            new_state = "busy"
+        elif ev.event == "turn-start":
+            new_state = "busy"
+        elif ev.event in ("turn-end", "session-start"):
+            new_state = "idle"
+        else:
+            return
+        if ev.session_id:
+            self.session_id = ev.session_id
+        if new_state != self.state:
+            self.state = new_state
+            if self.welcomed:
+                self._ping()
+
+    async def hook_loop(self) -> None:
+        path = self.paths.hook_socket(self.slot.name)
+        path.unlink(missing_ok=True)
+        old = os.umask(0o077)
+        try:
+            sock = await anyio.create_unix_datagram_socket(local_path=path)
+        finally:
+            os.umask(old)
+        async with sock:
+            while True:
+                data, _ = await sock.receive()
+                try:
+                    ev = P.decode(data)
+                except P.ProtocolError as e:
+                    log.warning("dropped malformed hook datagram: %s", e)
+                    continue
+                if isinstance(ev, P.HookEvent):
+                    self.on_hook(ev)
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT."""
+        self.paths.ensure()
+        write_pidfile(self.paths.sidecar_pidfile(self.slot.name))
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.bus_loop)
+                tg.start_soon(self.hook_loop)
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        self._send(P.Bye())
+                        tg.cancel_scope.cancel()
+                        break
+        finally:
+            if self.sock is not None:
+                self.sock.close(linger=0)
+            self.ctx.term()
+            self.paths.hook_socket(self.slot.name).unlink(missing_ok=True)
+            # a sidecar that was stopped leaves no heartbeat; one that was killed leaves a stale one
+            self.paths.heartbeat_file(self.slot.name).unlink(missing_ok=True)
+            pidfile = self.paths.sidecar_pidfile(self.slot.name)
+            try:
+                if pidfile.read_text().strip() == str(os.getpid()):
+                    pidfile.unlink()
+            except OSError:
+                pass

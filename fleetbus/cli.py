@@ -1,0 +1,368 @@
+"""The ``fleet`` command: a thin shell over the client, router and agents APIs.
+
+Exit codes (stable):
+
+====  =====================================================================================
+0     success; ``send``: ``accepted`` (or ``injected`` without ``--verify``)
+1     ``send``: ``draft`` or ``unconfirmed``; another command could not finish its work
+2     usage or configuration error (bad arguments, invalid roster, unreadable input)
+3     rejected: unknown slot, slot not running or dead, invalid message, busy input line
+4     the router is not running or does not answer
+====  =====================================================================================
+
+Imports are deferred into each command so ``fleet hook`` (run by runtime hooks on every prompt)
+starts without loading pydantic or ZeroMQ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_REJECTED, EXIT_NO_ROUTER = 0, 1, 2, 3, 4
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def _emit_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _fleet(args: argparse.Namespace):
+    from fleetbus.config import RosterError, find_roster, load_roster
+
+    try:
+        return load_roster(find_roster(args.roster))
+    except RosterError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+
+
+def _paths(fleet):
+    from fleetbus.paths import PathError, fleet_paths
+
+    p = fleet_paths(fleet.tenant, fleet.roster.transport.socket)
+    try:
+        p.ensure()
+    except PathError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    return p
+
+
+def _run(coro_fn, *a):
+    import anyio
+
+    from fleetbus.client import RouterUnavailable
+
+    try:
+        return anyio.run(coro_fn, *a, backend="asyncio")
+    except RouterUnavailable as e:
+        raise CliError(str(e), EXIT_NO_ROUTER) from None
+
+
+def _client_call(fleet, fn):
+    from fleetbus.client import Client
+
+    async def main():
+        async with Client(fleet) as c:
+            return await fn(c)
+
+    return _run(main)
+
+
+def _slot_checked(fleet, slot: str) -> None:
+    if slot not in fleet.slots:
+        raise CliError(f"unknown slot {slot!r}; roster slots: {', '.join(fleet.slots) or '(none)'}", EXIT_REJECTED)
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def cmd_hook(args: argparse.Namespace) -> int:
+    """Forward a runtime hook event to the slot's sidecar. Always exits 0: a hook never fails its runtime."""
+    from fleetbus.agents.hook import send_hook
+
+    prompt = ""
+    session = args.session_id
+    if args.event == "prompt-submit" and not sys.stdin.isatty():
+        raw = sys.stdin.read()
+        try:
+            payload = json.loads(raw)
+            if isinstance(payload, dict):
+                prompt = str(payload.get("prompt") or payload.get("text") or "")
+                session = session or payload.get("session_id")
+            else:
+                prompt = raw
+        except ValueError:
+            prompt = raw
+    send_hook(args.event, prompt=prompt, session_id=session)
+    return EXIT_OK
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    import logging
+
+    import anyio
+
+    from fleetbus.router.server import Router, RouterAlreadyRunning
+
+    fleet = _fleet(args)
+    _paths(fleet)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    router = Router(fleet)
+
+    async def main():
+        import signal
+
+        async with anyio.create_task_group() as tg:
+            async def on_signals():
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for _ in sigs:
+                        router.stop()
+                        return
+
+            tg.start_soon(on_signals)
+            await router.serve()
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main, backend="asyncio")
+    except RouterAlreadyRunning as e:
+        raise CliError(str(e), EXIT_FAIL) from None
+    return EXIT_OK
+
+
+def cmd_sidecar(args: argparse.Namespace) -> int:
+    import logging
+
+    import anyio
+
+    from fleetbus.agents.sidecar import Sidecar
+
+    fleet = _fleet(args)
+    _slot_checked(fleet, args.slot)
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s sidecar[{args.slot}] %(levelname)s %(message)s")
+    anyio.run(Sidecar(fleet, args.slot).run, backend="asyncio")
+    return EXIT_OK
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from fleetbus import ops
+
+    fleet = _fleet(args)
+    paths = _paths(fleet)
+    try:
+        started, rows = ops.up(fleet, paths, timeout_s=args.timeout)
+    except ops.OpsError as e:
+        raise CliError(str(e), EXIT_FAIL) from None
+    if args.json:
+        _emit_json({"router_started": started, "slots": [r.model_dump(by_alias=True) for r in rows]})
+    else:
+        print("router started" if started else "router already running")
+        print(ops.render_ps(rows))
+    return EXIT_OK
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from fleetbus import ops
+
+    fleet = _fleet(args)
+    summary = ops.down(fleet, _paths(fleet))
+    if args.json:
+        _emit_json(summary)
+    else:
+        print(f"fleet of tenant {fleet.tenant!r} is down ({summary['via']})")
+    return EXIT_OK
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from fleetbus import ops
+
+    fleet = _fleet(args)
+    rows = ops.ps(fleet, _paths(fleet))
+    if args.json:
+        _emit_json([r.model_dump(by_alias=True) for r in rows])
+    else:
+        print(ops.render_ps(rows))
+    return EXIT_OK
+
+
+def _read_body(args: argparse.Namespace) -> str:
+    if args.message is not None:
+        return args.message
+    try:
+        if args.file:
+            with open(args.file, "rb") as f:
+                data = f.read()
+        elif not sys.stdin.isatty():
+            data = sys.stdin.buffer.read()
+        else:
+            raise CliError("no message: give -m TEXT, -f FILE, or pipe it on stdin", EXIT_USAGE)
+    except OSError as e:
+        raise CliError(f"cannot read message: {e}", EXIT_USAGE) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(f"message is not UTF-8 (byte {e.start}); nothing was sent", EXIT_REJECTED) from None
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    fleet = _fleet(args)
+    body = _read_body(args)
+    _slot_checked(fleet, args.slot)
+    r = _client_call(fleet, lambda c: c.send(args.slot, body, verify=args.verify, timeout_s=args.timeout,
+                                              sender=args.sender, on_busy_input=args.on_busy_input))
+    if args.json:
+        _emit_json(r.model_dump())
+    else:
+        ev = f" ({r.evidence})" if r.evidence else ""
+        code = f" [{r.code}]" if r.code else ""
+        detail = f": {r.detail}" if r.detail else ""
+        print(f"{r.slot}: {r.result}{ev}{code} in {r.latency_ms:.1f} ms{detail}" + (f"  id={r.id}" if r.id else ""))
+    return {"accepted": EXIT_OK, "injected": EXIT_OK, "rejected": EXIT_REJECTED}.get(r.result, EXIT_FAIL)
+
+
+def cmd_slot_op(args: argparse.Namespace) -> int:
+    from fleetbus.client import RequestFailed
+
+    fleet = _fleet(args)
+    _slot_checked(fleet, args.slot)
+    kind = args.command.upper()
+    try:
+        data = _client_call(fleet, lambda c: c.slot_op(kind, args.slot))
+    except RequestFailed as e:
+        code = EXIT_REJECTED if e.code in ("unknown-slot", "slot-down", "no-reset", "already-running") else EXIT_FAIL
+        if args.json:
+            _emit_json({"slot": args.slot, "ok": False, "code": e.code, "error": str(e)})
+            return code
+        raise CliError(str(e), code) from None
+    if args.json:
+        _emit_json({"ok": True, **data})
+    else:
+        print(f"{args.slot}: {args.command} ok " + " ".join(f"{k}={v}" for k, v in data.items() if k != "slot"))
+    return EXIT_OK
+
+
+def _tmux(fleet, paths):
+    from fleetbus.transports.tmux import TmuxTransport
+
+    if fleet.roster.transport.kind != "tmux":
+        raise CliError(f"transport {fleet.roster.transport.kind!r} has no terminal to show", EXIT_USAGE)
+    return TmuxTransport(paths.tmux_socket, fleet.roster.transport.width, fleet.roster.transport.height)
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from fleetbus.transports.base import SlotNotFound
+
+    fleet = _fleet(args)
+    _slot_checked(fleet, args.slot)
+    t = _tmux(fleet, _paths(fleet))
+    try:
+        text = _run(lambda: t.capture(args.slot, lines=args.lines))
+    except SlotNotFound:
+        raise CliError(f"slot {args.slot!r} is not running", EXIT_REJECTED) from None
+    if args.json:
+        _emit_json({"tenant_id": fleet.tenant, "slot": args.slot, "lines": text.split("\n")})
+    else:
+        print(text)
+    return EXIT_OK
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from fleetbus.transports.base import TransportError
+
+    fleet = _fleet(args)
+    _slot_checked(fleet, args.slot)
+    t = _tmux(fleet, _paths(fleet))
+    if not sys.stdin.isatty():
+        raise CliError(f"`fleet {args.command}` needs a terminal", EXIT_USAGE)
+    try:
+        return t.watch(args.slot) if args.command == "watch" else t.attach(args.slot)
+    except TransportError as e:
+        raise CliError(f"slot {args.slot!r} is not running ({e})", EXIT_REJECTED) from None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fleetbus import demo
+
+    return demo.run(keep=args.keep, json_out=args.json)
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--roster", default=argparse.SUPPRESS,
+                        help="roster file (default: $FLEETBUS_ROSTER, then ./fleet.yaml)")
+    ap = argparse.ArgumentParser(prog="fleet", description="fleetbus: route messages to a fleet of agents in tmux.",
+                                 epilog="Exit codes: 0 ok/accepted, 1 draft/unconfirmed/failed, 2 usage or roster "
+                                        "error, 3 rejected, 4 router not running.")
+    ap.add_argument("--roster", default=None, help="roster file (default: $FLEETBUS_ROSTER, then ./fleet.yaml)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn, help: str, json_flag: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(fn=fn)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON")
+        return p
+
+    p = add("up", cmd_up, "start the router (in the background), the slots and their sidecars", True)
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for sidecars (default 20)")
+    add("down", cmd_down, "stop sidecars, slots, the fleet's tmux server and the router", True)
+    add("ps", cmd_ps, "one row per slot: pane, process, heartbeat, flags", True)
+    p = add("send", cmd_send, "type a message into a slot, optionally verifying it was accepted", True)
+    p.add_argument("slot")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("-m", "--message", help="message text")
+    src.add_argument("-f", "--file", help="read the message from FILE (UTF-8)")
+    p.add_argument("--verify", action="store_true", help="wait for evidence: runtime ack or pane diff")
+    p.add_argument("--timeout", type=float, default=None, help="verification timeout in seconds (default: roster bus.verify_timeout_s)")
+    p.add_argument("--on-busy-input", choices=["fail", "clear"], default="fail",
+                   help="when the input line already holds text: fail (default, nothing typed) or clear it first")
+    p.add_argument("--from", dest="sender", default=os.environ.get("FLEETBUS_SLOT") or "ops",
+                   help="sender shown in the message tag (default: $FLEETBUS_SLOT or 'ops')")
+    p = add("tail", cmd_tail, "print the last lines of a slot's screen", True)
+    p.add_argument("slot")
+    p.add_argument("-n", "--lines", type=int, default=40)
+    for name, help in (("watch", "watch a slot read-only (throwaway grouped session, removed on detach)"),
+                       ("attach", "take over a slot's terminal (read-write)")):
+        p = add(name, cmd_view, help)
+        p.add_argument("slot")
+    for name, help in (("start", "start a stopped or dead slot and its sidecar"), ("stop", "stop a slot and its sidecar"),
+                       ("restart", "restart a slot's runtime (its session and sidecar stay)"),
+                       ("reset", "submit the runtime's reset command (e.g. /clear)")):
+        p = add(name, cmd_slot_op, help, True)
+        p.add_argument("slot")
+    p = add("router", cmd_router, "run the router in the foreground")
+    p.add_argument("--log-level", default="info")
+    p = add("sidecar", cmd_sidecar, "run one slot's sidecar in the foreground")
+    p.add_argument("slot")
+    p.add_argument("--log-level", default="info")
+    p = add("hook", cmd_hook, "forward a runtime hook event to the slot's sidecar (reads the hook payload on stdin)")
+    p.add_argument("event", choices=["prompt-submit", "turn-start", "turn-end", "session-start"])
+    p.add_argument("--session-id", default=None)
+    p = add("demo", cmd_demo, "run a throwaway fleet on its own tmux socket and show the main job", True)
+    p.add_argument("--keep", action="store_true", help="leave the demo fleet running")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "roster"):
+        args.roster = None
+    try:
+        return args.fn(args)
+    except CliError as e:
+        print(f"fleet: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130

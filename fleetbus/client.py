@@ -1,0 +1,165 @@
+"""Client API: talk to a tenant's router over its ROUTER socket.
+
+    async with Client(load_roster("fleet.yaml")) as c:
+        r = await c.send("coder0", "review PR 12", verify=True)
+        print(r.result, r.evidence, r.latency_ms)
+
+Results are the pydantic models of :mod:`fleetbus.protocol` (:class:`SendResult`,
+:class:`SlotStatus`), identical to what the CLI prints with ``--json``. Many requests may be in
+flight at once on one client; one reader task matches answers to requests by ``req`` id.
+:class:`SyncClient` wraps the same calls for scripts. Runs on anyio's asyncio backend.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+import anyio
+import zmq
+import zmq.asyncio
+
+from fleetbus import protocol as P
+from fleetbus.config import Fleet
+from fleetbus.paths import FleetPaths, fleet_paths
+from fleetbus.router.procs import router_pid
+
+T = TypeVar("T")
+
+
+class RouterUnavailable(RuntimeError):
+    """The tenant's router is not running or does not answer."""
+
+
+class RequestFailed(RuntimeError):
+    """The router refused a request. ``code`` is stable (``unknown-slot``, ``slot-down``...)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Client:
+    """Async client of one tenant's router.
+
+    Args:
+        fleet: the loaded roster (gives the tenant and its endpoint).
+        paths: override the tenant's paths.
+        connect_timeout_s: seconds to wait for the router to answer the first request.
+
+    Raises (on enter):
+        RouterUnavailable: no live router process for this tenant.
+    """
+
+    def __init__(self, fleet: Fleet, paths: FleetPaths | None = None, connect_timeout_s: float = 5.0):
+        self.fleet = fleet
+        self.paths = paths or fleet_paths(fleet.tenant, fleet.roster.transport.socket)
+        self.connect_timeout_s = connect_timeout_s
+        self._futures: dict[str, tuple[anyio.Event, list[P.Result]]] = {}
+
+    async def __aenter__(self) -> Client:
+        if router_pid(self.paths) is None:
+            raise RouterUnavailable(f"the router of tenant {self.fleet.tenant!r} is not running (start it with `fleet up`)")
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.paths.router_endpoint)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._reader)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+    async def _reader(self) -> None:
+        while True:
+            raw = await self.sock.recv()
+            try:
+                msg = P.decode(raw)
+            except P.ProtocolError:
+                continue
+            if isinstance(msg, P.Result) and msg.req in self._futures:
+                ev, box = self._futures[msg.req]
+                box.append(msg)
+                ev.set()
+
+    async def request(self, make: Callable[[str], Any], timeout_s: float) -> Any:
+        """Send ``make(req_id)`` and return the RESULT's data.
+
+        Raises:
+            RouterUnavailable: no answer within ``timeout_s`` seconds.
+            RequestFailed: the router answered with an error.
+        """
+        req = secrets.token_hex(8)
+        ev: anyio.Event = anyio.Event()
+        box: list[P.Result] = []
+        self._futures[req] = (ev, box)
+        try:
+            await self.sock.send(P.encode(make(req)))
+            with anyio.move_on_after(timeout_s):
+                await ev.wait()
+        finally:
+            self._futures.pop(req, None)
+        if not box:
+            raise RouterUnavailable(f"the router of tenant {self.fleet.tenant!r} did not answer within {timeout_s:g} s")
+        res = box[0]
+        if not res.ok:
+            raise RequestFailed(res.code or "error", res.error or "request failed")
+        return res.data
+
+    async def send(self, to: str, body: str, *, verify: bool = True, timeout_s: float | None = None,
+                   sender: str = "ops", on_busy_input: Literal["fail", "clear"] = "fail") -> P.SendResult:
+        """Deliver ``body`` to slot ``to``; with ``verify`` wait up to ``timeout_s`` s for evidence.
+
+        Never raises for a rejected message: the result says ``rejected`` with a ``code``.
+        """
+        t = timeout_s or self.fleet.roster.bus.verify_timeout_s
+        data = await self.request(
+            lambda req: P.SendRequest(req=req, to=to, body=body, sender=sender, verify=verify,
+                                      timeout_s=timeout_s, on_busy_input=on_busy_input),
+            t + 10.0,
+        )
+        return P.SendResult.model_validate(data)
+
+    async def ps(self) -> list[P.SlotStatus]:
+        """One :class:`SlotStatus` per roster slot."""
+        data = await self.request(lambda req: P.PsRequest(req=req), self.connect_timeout_s + 10)
+        return [P.SlotStatus.model_validate(d) for d in data]
+
+    async def health(self) -> dict[str, Any]:
+        return await self.request(lambda req: P.HealthRequest(req=req), self.connect_timeout_s)
+
+    async def slot_op(self, kind: Literal["START", "STOP", "RESTART", "RESET"], slot: str) -> dict[str, Any]:
+        return await self.request(lambda req: P.SlotRequest(kind=kind, req=req, slot=slot), 30.0)
+
+    async def shutdown(self, teardown: bool = False) -> dict[str, Any]:
+        return await self.request(lambda req: P.ShutdownRequest(req=req, teardown=teardown), self.connect_timeout_s)
+
+
+class SyncClient:
+    """Blocking facade over :class:`Client` for scripts: each call opens, asks and closes."""
+
+    def __init__(self, fleet: Fleet, paths: FleetPaths | None = None):
+        self.fleet = fleet
+        self.paths = paths
+
+    def _call(self, fn: Callable[[Client], Any]) -> Any:
+        async def main() -> Any:
+            async with Client(self.fleet, self.paths) as c:
+                return await fn(c)
+
+        return anyio.run(main, backend="asyncio")
+
+    def send(self, to: str, body: str, **kw: Any) -> P.SendResult:
+        return self._call(lambda c: c.send(to, body, **kw))
+
+    def ps(self) -> list[P.SlotStatus]:
+        return self._call(lambda c: c.ps())
+
+    def health(self) -> dict[str, Any]:
+        return self._call(lambda c: c.health())

@@ -1,0 +1,309 @@
+"""Roster (``fleet.yaml``) models and loading with precise errors.
+
+A roster declares the transport, the bus settings, defaults and the agent slots::
+
+    version: 1
+    tenant: alice            # optional; defaults to the OS user
+    transport: {kind: tmux, socket: fleet}
+    bus: {heartbeat_ms: 1000, liveness: 3}
+    defaults: {workdir: ~/src, runtime: stub}
+    agents:
+      - {name: coder0, runtime: stub, class: implementer}
+
+Errors name the file, the path inside it and what was expected, for example
+``fleet.yaml: agents[1].name: slot names match [a-z0-9][a-z0-9._-]* (got 'Bad')``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from fleetbus.adapters import names as runtime_names
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+#: Longest slot or tenant name; keeps socket paths under the 107-byte Unix limit.
+MAX_NAME = 40
+
+
+class RosterError(ValueError):
+    """An invalid or unreadable roster. ``str()`` names the file and the path inside it."""
+
+    def __init__(self, file: str | Path, problems: list[str]):
+        self.file = str(file)
+        self.problems = problems
+        super().__init__("\n".join(f"{self.file}: {p}" for p in problems))
+
+
+def _check_name(value: str) -> str:
+    if not NAME_RE.match(value) or len(value) > MAX_NAME:
+        raise ValueError(
+            f"names match [a-z0-9][a-z0-9._-]* and are at most {MAX_NAME} characters "
+            f"(got {value!r})"
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+def _check_runtime(value: str) -> str:
+    if value not in runtime_names():
+        raise ValueError(f"unknown runtime {value!r}; expected one of: {', '.join(runtime_names())}")
+    return value
+
+
+Runtime = Annotated[str, AfterValidator(_check_runtime)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class TransportConfig(_Model):
+    """``transport:`` which transport carries text to slots.
+
+    ``socket`` is the tmux ``-L`` socket name of the fleet's private tmux server; ``width`` and
+    ``height`` (cells) size every slot's window, which never follows a viewer's terminal.
+    """
+
+    kind: Literal["tmux", "memory"] = "tmux"
+    socket: Name = "fleet"
+    width: int = Field(200, ge=40, le=1000)
+    height: int = Field(50, ge=10, le=500)
+
+
+class BusConfig(_Model):
+    """``bus:`` heartbeat and message settings.
+
+    ``heartbeat_ms`` (ms) is the sidecar ping interval; a slot is ``stale`` after
+    ``heartbeat_ms × liveness`` ms of silence. ``max_body_bytes`` bounds a message body (UTF-8
+    bytes). ``verify_timeout_s`` (s) is the default ``send --verify`` timeout.
+    """
+
+    heartbeat_ms: int = Field(1000, ge=50, le=60_000)
+    liveness: int = Field(3, ge=1, le=100)
+    max_body_bytes: int = Field(65_536, ge=64, le=1_048_576)
+    verify_timeout_s: float = Field(10.0, gt=0, le=3600)
+
+
+class Defaults(_Model):
+    """``defaults:`` values every agent inherits unless it sets its own."""
+
+    runtime: Runtime = "stub"
+    workdir: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    class_: str | None = Field(None, alias="class")
+
+
+class AgentConfig(_Model):
+    """One entry of ``agents:``: a slot."""
+
+    name: Name
+    runtime: Runtime | None = None
+    class_: str | None = Field(None, alias="class")
+    workdir: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    command: list[str] | None = Field(None, min_length=1)
+    heartbeat_ms: int | None = Field(None, ge=50, le=60_000)
+    liveness: int | None = Field(None, ge=1, le=100)
+    reset_between_tasks: bool = False
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+                raise ValueError(f"environment variable names match [A-Za-z_][A-Za-z0-9_]* (got {k!r})")
+        return v
+
+
+class Roster(_Model):
+    """The whole roster file."""
+
+    version: Literal[1]
+    tenant: Name | None = None
+    transport: TransportConfig = TransportConfig()
+    bus: BusConfig = BusConfig()
+    defaults: Defaults = Defaults()
+    agents: list[AgentConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Roster:
+        seen: dict[str, int] = {}
+        for i, a in enumerate(self.agents):
+            if a.name in seen:
+                raise ValueError(f"agents[{i}].name: duplicate slot {a.name!r} (also agents[{seen[a.name]}])")
+            seen[a.name] = i
+        return self
+
+
+class Slot(BaseModel):
+    """A slot resolved from the roster: defaults applied, paths expanded.
+
+    Attributes:
+        name: slot name.
+        runtime: adapter name.
+        class_: the slot's class (role), or None.
+        workdir: absolute working directory (the roster's, expanded; default: the roster's folder).
+        env: environment merged from defaults and the agent.
+        command: launch argv override, or None for the adapter's default.
+        heartbeat_ms: ping interval (ms). liveness: missed intervals before ``stale``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    runtime: str
+    class_: str | None = None
+    workdir: str
+    env: dict[str, str]
+    command: list[str] | None
+    heartbeat_ms: int
+    liveness: int
+    reset_between_tasks: bool = False
+
+
+class Fleet(BaseModel):
+    """A loaded roster: the file it came from, the tenant, and resolved slots."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path | None
+    tenant: str
+    roster: Roster
+    slots: dict[str, Slot]
+
+    def slot(self, name: str) -> Slot:
+        """Return slot ``name``. Raises ``KeyError`` with the known slot names."""
+        try:
+            return self.slots[name]
+        except KeyError:
+            known = ", ".join(self.slots) or "(none)"
+            raise KeyError(f"unknown slot {name!r}; roster slots: {known}") from None
+
+
+def default_tenant() -> str:
+    """The OS user name, lower-cased and reduced to the slot-name alphabet."""
+    user = re.sub(r"[^a-z0-9._-]", "-", getpass.getuser().lower()).lstrip("._-") or "user"
+    return user[:MAX_NAME]
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        msg = e["msg"].removeprefix("Value error, ")
+        if msg.startswith("agents[") and not loc:
+            problems.append(msg)
+            continue
+        got = ""
+        if e["type"] not in ("value_error", "missing") and "input" in e:
+            got = f" (got {e['input']!r})"
+        problems.append(f"{_loc(loc)}: {msg}{got}")
+    return problems
+
+
+def parse_roster(data: Any, file: str | Path = "<roster>", base_dir: Path | None = None) -> Fleet:
+    """Validate already-parsed YAML ``data`` and resolve its slots.
+
+    Raises:
+        RosterError: the data is not a valid roster; every problem is listed with its path.
+    """
+    if not isinstance(data, dict):
+        raise RosterError(file, [f"(top level): expected a mapping, got {type(data).__name__}"])
+    try:
+        roster = Roster.model_validate(data)
+    except ValidationError as e:
+        raise RosterError(file, _format_errors(e)) from None
+    base = base_dir or Path.cwd()
+    tenant = roster.tenant or default_tenant()
+    slots: dict[str, Slot] = {}
+    d = roster.defaults
+    for a in roster.agents:
+        workdir = a.workdir or d.workdir or str(base)
+        wd = Path(os.path.expandvars(workdir)).expanduser()
+        if not wd.is_absolute():
+            wd = base / wd
+        slots[a.name] = Slot(
+            name=a.name,
+            runtime=a.runtime or d.runtime,
+            class_=a.class_ or d.class_,
+            workdir=str(wd),
+            env={**d.env, **a.env},
+            command=a.command,
+            heartbeat_ms=a.heartbeat_ms or roster.bus.heartbeat_ms,
+            liveness=a.liveness or roster.bus.liveness,
+            reset_between_tasks=a.reset_between_tasks,
+        )
+    return Fleet(path=Path(file).resolve() if file != "<roster>" else None, tenant=tenant, roster=roster, slots=slots)
+
+
+def load_roster(path: str | Path) -> Fleet:
+    """Read and validate the roster file at ``path``.
+
+    Relative workdirs resolve against the roster's folder.
+
+    Raises:
+        RosterError: the file is missing, is not YAML, or is not a valid roster.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RosterError(p, [f"cannot read roster: {e.strerror or e}"]) from None
+    except UnicodeDecodeError:
+        raise RosterError(p, ["roster is not UTF-8 text"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise RosterError(p, [f"{where}invalid YAML: {problem}"]) from None
+    return parse_roster(data, p, base_dir=p.resolve().parent)
+
+
+def find_roster(explicit: str | None = None, env: dict[str, str] | None = None) -> Path:
+    """Locate the roster: ``explicit`` (``--roster``), then ``$FLEETBUS_ROSTER``, then ``./fleet.yaml``.
+
+    Raises:
+        RosterError: none of them names an existing file.
+    """
+    env = dict(os.environ) if env is None else env
+    for candidate, source in ((explicit, "--roster"), (env.get("FLEETBUS_ROSTER"), "$FLEETBUS_ROSTER")):
+        if candidate:
+            p = Path(candidate).expanduser()
+            if not p.is_file():
+                raise RosterError(p, [f"roster not found (from {source})"])
+            return p
+    p = Path("fleet.yaml")
+    if p.is_file():
+        return p
+    raise RosterError(
+        p.resolve(), ["no roster: pass --roster PATH, set $FLEETBUS_ROSTER, or create ./fleet.yaml (see examples/)"]
+    )

@@ -1,0 +1,142 @@
+"""Where a tenant's state and sockets live.
+
+State (heartbeat files, logs, pid files) lives under ``$XDG_STATE_HOME/fleetbus/<tenant>/``
+(default ``~/.local/state``); sockets live in a private 0700 runtime directory,
+``$XDG_RUNTIME_DIR/fleetbus/<tenant>/`` or ``/tmp/fleetbus-<uid>/<tenant>/``.
+
+``$FLEETBUS_HOME`` redirects everything: state goes to ``$FLEETBUS_HOME/state/<tenant>/``, the
+runtime directory becomes ``/tmp/fleetbus-<uid>/<hash>/`` and the tmux socket name gets the same
+``-<hash>`` suffix, where ``<hash>`` is derived from ``$FLEETBUS_HOME`` and the tenant. Tests and
+``fleet demo`` use this so they never touch a real user's fleet. The hash keeps Unix socket paths
+short: Linux allows at most 107 bytes for a socket path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Longest Unix socket path Linux accepts (``sun_path`` is 108 bytes including the NUL).
+MAX_SOCKET_PATH = 107
+
+
+class PathError(RuntimeError):
+    """A state or runtime directory cannot be used (wrong owner, wrong mode, path too long)."""
+
+
+@dataclass(frozen=True)
+class FleetPaths:
+    """Every filesystem location one tenant's fleet uses.
+
+    Attributes:
+        tenant: the tenant id.
+        state_dir: heartbeat files (``run/``), logs (``logs/``), pid files.
+        run_dir: private (0700) directory holding the ZeroMQ ``ipc://`` and hook sockets.
+        tmux_socket: the tmux ``-L`` socket name of this fleet's private tmux server.
+    """
+
+    tenant: str
+    state_dir: Path
+    run_dir: Path
+    tmux_socket: str
+
+    @property
+    def router_endpoint(self) -> str:
+        """ZeroMQ endpoint of the router's ROUTER socket (``ipc://...``)."""
+        return f"ipc://{self.run_dir / 'router.sock'}"
+
+    @property
+    def events_endpoint(self) -> str:
+        """ZeroMQ endpoint of the router's PUB socket (``ipc://...``)."""
+        return f"ipc://{self.run_dir / 'events.sock'}"
+
+    @property
+    def router_pidfile(self) -> Path:
+        return self.state_dir / "router.pid"
+
+    @property
+    def router_lock(self) -> Path:
+        return self.run_dir / "router.lock"
+
+    @property
+    def router_log(self) -> Path:
+        return self.state_dir / "logs" / "router.log"
+
+    def hook_socket(self, slot: str) -> Path:
+        """Unix datagram socket on which slot ``slot``'s sidecar receives runtime hook events."""
+        return self.run_dir / "h" / f"{slot}.sock"
+
+    def heartbeat_file(self, slot: str) -> Path:
+        """``key=value`` heartbeat file the sidecar rewrites atomically on every beat."""
+        return self.state_dir / "run" / f"{slot}.hb"
+
+    def sidecar_pidfile(self, slot: str) -> Path:
+        return self.state_dir / "run" / f"{slot}.sidecar.pid"
+
+    def sidecar_log(self, slot: str) -> Path:
+        return self.state_dir / "logs" / f"sidecar-{slot}.log"
+
+    def ensure(self) -> None:
+        """Create the directories (state 0700, runtime 0700) and check they are private.
+
+        Raises:
+            PathError: a directory is owned by another user, or a socket path would exceed
+                :data:`MAX_SOCKET_PATH` bytes.
+        """
+        for d in (self.state_dir, self.state_dir / "run", self.state_dir / "logs"):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for d in (self.run_dir, self.run_dir / "h"):
+            _private_dir(d)
+        longest = len(str(self.run_dir / "h")) + 1 + 64 + len(".sock")
+        if longest > MAX_SOCKET_PATH:
+            raise PathError(
+                f"runtime dir {self.run_dir} is too long for Unix sockets "
+                f"({longest} > {MAX_SOCKET_PATH} bytes); set XDG_RUNTIME_DIR to a shorter path"
+            )
+
+
+def _private_dir(d: Path) -> None:
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = d.stat()
+    if st.st_uid != os.getuid():
+        raise PathError(f"{d} is owned by uid {st.st_uid}, not by you (uid {os.getuid()})")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(d, 0o700)
+
+
+def _short_hash(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
+
+
+def fleet_paths(tenant: str, socket_name: str, env: dict[str, str] | None = None) -> FleetPaths:
+    """Compute the :class:`FleetPaths` of ``tenant`` (nothing is created; see ``ensure``).
+
+    Args:
+        tenant: tenant id (already validated).
+        socket_name: the roster's ``transport.socket``.
+        env: environment to read (default ``os.environ``).
+    """
+    env = dict(os.environ) if env is None else env
+    uid = os.getuid()
+    home = env.get("FLEETBUS_HOME")
+    if home:
+        base = Path(home).expanduser().resolve()
+        h = _short_hash(str(base), tenant)
+        return FleetPaths(
+            tenant=tenant,
+            state_dir=base / "state" / tenant,
+            run_dir=Path(f"/tmp/fleetbus-{uid}") / h,
+            tmux_socket=f"{socket_name}-{h}",
+        )
+    state_home = Path(env.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    xdg_run = env.get("XDG_RUNTIME_DIR")
+    run_base = Path(xdg_run) / "fleetbus" if xdg_run else Path(f"/tmp/fleetbus-{uid}")
+    return FleetPaths(
+        tenant=tenant,
+        state_dir=state_home / "fleetbus" / tenant,
+        run_dir=run_base / tenant,
+        tmux_socket=socket_name,
+    )

@@ -1,0 +1,1 @@
+"""The per-tenant router daemon: endpoints, liveness, delivery and verification, status."""

@@ -1,0 +1,92 @@
+"""The router's liveness table: one entry per registered sidecar.
+
+A slot is ``healthy`` while ``now <= last_seen + heartbeat_ms × liveness``, else ``stale``. Any
+inbound frame from the sidecar counts as a heartbeat. Time comes from an injectable monotonic
+clock (seconds) so tests can simulate freezes without sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class Peer:
+    """A registered sidecar.
+
+    Attributes:
+        slot: slot name. routing_id: ZeroMQ routing id of its DEALER. pid: sidecar pid.
+        heartbeat_ms: agreed interval (ms). liveness: intervals of silence before stale.
+        last_seen: clock value (s) of the last inbound frame. state: runtime state from hooks.
+        stale: True once expired (cleared by the next frame).
+    """
+
+    slot: str
+    routing_id: bytes
+    pid: int
+    adapter: str
+    heartbeat_ms: int
+    liveness: int
+    last_seen: float
+    registered_at: float
+    state: str = "unknown"
+    session_id: str | None = None
+    stale: bool = False
+
+    def expiry(self) -> float:
+        return self.last_seen + self.heartbeat_ms * self.liveness / 1000
+
+
+class LivenessTable:
+    """Slot → :class:`Peer`, with expiry sweeps."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.peers: dict[str, Peer] = {}
+        self._by_rid: dict[bytes, str] = {}
+
+    def register(self, slot: str, routing_id: bytes, pid: int, adapter: str, heartbeat_ms: int, liveness: int) -> Peer:
+        """Add or replace the peer of ``slot`` (a reconnecting sidecar replaces its old entry)."""
+        old = self.peers.get(slot)
+        if old is not None:
+            self._by_rid.pop(old.routing_id, None)
+        now = self.clock()
+        peer = Peer(slot, routing_id, pid, adapter, heartbeat_ms, liveness, now, now)
+        self.peers[slot] = peer
+        self._by_rid[routing_id] = slot
+        return peer
+
+    def seen(self, routing_id: bytes) -> Peer | None:
+        """Record an inbound frame from ``routing_id``; None when the peer is unknown."""
+        slot = self._by_rid.get(routing_id)
+        if slot is None:
+            return None
+        peer = self.peers[slot]
+        peer.last_seen = self.clock()
+        peer.stale = False
+        return peer
+
+    def remove(self, routing_id: bytes) -> Peer | None:
+        slot = self._by_rid.pop(routing_id, None)
+        return self.peers.pop(slot, None) if slot else None
+
+    def sweep(self) -> list[Peer]:
+        """Mark expired peers stale; return the ones that became stale in this sweep."""
+        now = self.clock()
+        newly = []
+        for peer in self.peers.values():
+            if not peer.stale and now > peer.expiry():
+                peer.stale = True
+                newly.append(peer)
+        return newly
+
+    def next_interval(self, default_ms: int) -> float:
+        """Seconds until the next sweep: the shortest heartbeat interval of any peer."""
+        ms = min((p.heartbeat_ms for p in self.peers.values()), default=default_ms)
+        return min(ms, default_ms) / 1000
+
+    def age(self, slot: str) -> float | None:
+        peer = self.peers.get(slot)
+        return None if peer is None else max(0.0, self.clock() - peer.last_seen)

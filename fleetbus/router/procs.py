@@ -1,0 +1,131 @@
+"""Starting and stopping fleetbus's own background processes (router, sidecars) by pid.
+
+Processes are started in their own session (``setsid``) so they outlive the command that
+started them, with output appended to a log under the state dir. They are found again through
+pid files, checked against the live process table (pid and command line) so a reused pid is
+never mistaken for ours, and stopped by pid, never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from fleetbus.config import Fleet
+from fleetbus.paths import FleetPaths
+
+
+def read_pid(pidfile: Path, *must_contain: str) -> int | None:
+    """Pid in ``pidfile`` if that process is alive and its command line holds ``must_contain``."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        cmd = " ".join(proc.cmdline())
+    except (psutil.Error, OSError):
+        return None
+    return pid if all(s in cmd for s in must_contain) else None
+
+
+def write_pidfile(pidfile: Path) -> None:
+    tmp = pidfile.with_suffix(".tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, pidfile)
+
+
+def _fleet_argv(fleet: Fleet, *args: str) -> list[str]:
+    if fleet.path is None:
+        raise ValueError("this fleet was not loaded from a roster file; background processes need one")
+    return [sys.executable, "-m", "fleetbus", "--roster", str(fleet.path), *args]
+
+
+def spawn(argv: list[str], log: Path) -> int:
+    """Start ``argv`` detached (new session, stdin from /dev/null, output appended to ``log``)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True)
+    return proc.pid
+
+
+def router_pid(paths: FleetPaths) -> int | None:
+    return read_pid(paths.router_pidfile, "fleetbus", "router")
+
+
+def sidecar_pid(paths: FleetPaths, slot: str) -> int | None:
+    return read_pid(paths.sidecar_pidfile(slot), "fleetbus", "sidecar", slot)
+
+
+def spawn_router(fleet: Fleet, paths: FleetPaths) -> int:
+    return spawn(_fleet_argv(fleet, "router"), paths.router_log)
+
+
+def spawn_sidecar(fleet: Fleet, paths: FleetPaths, slot: str) -> int:
+    return spawn(_fleet_argv(fleet, "sidecar", slot), paths.sidecar_log(slot))
+
+
+def stop_pid(pid: int, timeout: float = 5.0) -> bool:
+    """SIGTERM ``pid``, then SIGKILL after ``timeout`` s. True when it is gone."""
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout)
+        return True
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        try:
+            proc.kill()
+            proc.wait(2)
+        except psutil.Error:
+            pass
+        return not psutil.pid_exists(pid)
+
+
+def stop_sidecars(paths: FleetPaths, slots: list[str], timeout: float = 5.0) -> None:
+    """SIGTERM every listed slot's sidecar at once, wait up to ``timeout`` s, SIGKILL the rest."""
+    procs = []
+    for slot in slots:
+        pid = sidecar_pid(paths, slot)
+        if pid is not None:
+            try:
+                p = psutil.Process(pid)
+                p.send_signal(signal.SIGTERM)
+                procs.append(p)
+            except psutil.Error:
+                pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=2)
+    for slot in slots:
+        paths.sidecar_pidfile(slot).unlink(missing_ok=True)
+
+
+def stop_sidecar(paths: FleetPaths, slot: str) -> None:
+    stop_sidecars(paths, [slot])
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False

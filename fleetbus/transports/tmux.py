@@ -1,0 +1,268 @@
+"""tmux transport: one private tmux server per fleet, one session per slot.
+
+Rules (checked against tmux 3.3a):
+
+- Every call is ``tmux -u -L <socket> -f /dev/null ...``: our own named server, never the
+  user's default server or their ``~/.tmux.conf``; ``kill-server`` is only ever sent here.
+- A ``_holder`` session owns the server, so stopping every slot never ends the server.
+- Targets are always exact: ``=<session>:0.0``. tmux turns ``.`` and ``:`` in session names
+  into ``_``, so a slot ``a.b`` lives in session ``a,b`` (``,`` is outside the slot alphabet,
+  so the mapping is one-to-one and ``a.b`` never meets ``a_b``).
+- The pane runs ``sh -c 'exec "$0" "$@"' <argv>`` with an explicit ``PATH``: the runtime
+  replaces the shell, so ``pane_current_command`` and ``pane_pid`` are the runtime's own.
+- Text goes in through ``load-buffer -`` (stdin) and ``paste-buffer -p`` (bracketed when the
+  program asked for it); bodies are never on a command line. Callers must have cleaned the
+  text (:func:`fleetbus.protocol.check_body`): tmux 3.3 does not strip pasted escape sequences.
+- ``remain-on-exit`` keeps a dead pane's last screen and exit status; ``window-size manual``,
+  set on each slot's window (setting it globally makes tmux 3.3a crash on the next
+  ``new-session``), keeps every window at the roster's size whoever attaches.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import subprocess
+import time
+from typing import ClassVar
+
+import anyio
+
+from fleetbus.adapters.base import SubmitProfile
+from fleetbus.transports.base import LaunchSpec, PaneInfo, Screen, SlotDead, SlotNotFound, TransportError
+
+HOLDER = "_holder"
+_FIELDS = (
+    "#{session_name}\t#{window_index}\t#{pane_index}\t#{pane_pid}\t#{pane_current_command}"
+    "\t#{pane_dead}\t#{pane_dead_status}\t#{window_activity}"
+)
+
+
+def session_name(slot: str) -> str:
+    """tmux session name of ``slot`` (``.`` becomes ``,``)."""
+    return slot.replace(".", ",")
+
+
+def slot_name(session: str) -> str | None:
+    """Slot of tmux session ``session``, or None for our own helper sessions (``_holder``...)."""
+    if session.startswith("_"):
+        return None
+    return session.replace(",", ".")
+
+
+def target(slot: str) -> str:
+    """Exact tmux target of a slot's pane."""
+    return f"={session_name(slot)}:0.0"
+
+
+class TmuxTransport:
+    """Transport on a private tmux server ``tmux -L <socket>``.
+
+    Args:
+        socket: the ``-L`` socket name.
+        width, height: window size of every slot (cells).
+        tmux: the tmux binary.
+    """
+
+    kind: ClassVar[str] = "tmux"
+
+    def __init__(self, socket: str, width: int = 200, height: int = 50, tmux: str = "tmux"):
+        self.socket = socket
+        self.width = width
+        self.height = height
+        self.base = [tmux, "-u", "-L", socket, "-f", "/dev/null"]
+        #: number of tmux client processes started (figures for bench/ and tests)
+        self.calls = 0
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _run(self, *args: str, stdin: bytes | None = None, check: bool = True) -> str:
+        self.calls += 1
+        proc = await anyio.run_process([*self.base, *args], input=stdin, check=False, env=_client_env())
+        out = proc.stdout.decode("utf-8", "replace")
+        if check and proc.returncode != 0:
+            err = proc.stderr.decode("utf-8", "replace").strip()
+            raise _map_error(err, args)
+        return out
+
+    def run_sync(self, *args: str, check: bool = True) -> str:
+        """Run one tmux command synchronously (for CLI helpers). Raises :class:`TransportError`."""
+        self.calls += 1
+        proc = subprocess.run([*self.base, *args], capture_output=True, env=_client_env())
+        if check and proc.returncode != 0:
+            raise _map_error(proc.stderr.decode("utf-8", "replace").strip(), args)
+        return proc.stdout.decode("utf-8", "replace")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def server_alive(self) -> bool:
+        proc = await anyio.run_process([*self.base, "has-session", "-t", f"={HOLDER}"], check=False, env=_client_env())
+        self.calls += 1
+        return proc.returncode == 0
+
+    async def ensure_server(self) -> None:
+        """Start the private server with its ``_holder`` session, and set server options."""
+        if await self.server_alive():
+            return
+        await self._run(
+            "new-session", "-d", "-s", HOLDER, "-x", "80", "-y", "24", "--", "sh", "-c",
+            "trap 'exit 0' TERM HUP; while :; do sleep 3600; done",
+            ";", "set-option", "-g", "remain-on-exit", "on",
+            ";", "set-option", "-g", "history-limit", "5000",
+            ";", "set-option", "-g", "default-size", f"{self.width}x{self.height}",
+            ";", "set-option", "-g", "status", "off",
+            ";", "set-option", "-g", "escape-time", "10",
+        )
+
+    def _launch_args(self, spec: LaunchSpec) -> list[str]:
+        env_args: list[str] = []
+        for k, v in spec.env.items():
+            env_args += ["-e", f"{k}={v}"]
+        return [*env_args, "--", "sh", "-c", 'exec "$0" "$@"', *spec.argv]
+
+    async def start_slot(self, spec: LaunchSpec) -> PaneInfo:
+        if not os.path.isdir(spec.cwd):
+            raise TransportError(f"workdir of slot {spec.slot!r} does not exist: {spec.cwd}")
+        await self.ensure_server()
+        await self._run(
+            "new-session", "-d", "-s", session_name(spec.slot), "-x", str(self.width), "-y", str(self.height),
+            "-c", spec.cwd, *self._launch_args(spec),
+            ";", "set-option", "-w", "-t", f"={session_name(spec.slot)}:0", "window-size", "manual",
+        )
+        return (await self.probe_all()).get(spec.slot) or PaneInfo(slot=spec.slot, alive=False)
+
+    async def restart_slot(self, spec: LaunchSpec) -> PaneInfo:
+        """``respawn-pane -k``: kills the old program, keeps the session (and any watcher)."""
+        env_args = self._launch_args(spec)
+        await self._run("respawn-pane", "-k", "-t", target(spec.slot), "-c", spec.cwd, *env_args)
+        return (await self.probe_all()).get(spec.slot) or PaneInfo(slot=spec.slot, alive=False)
+
+    async def stop_slot(self, slot: str) -> None:
+        await self._run("kill-session", "-t", f"={session_name(slot)}")
+
+    async def shutdown(self) -> None:
+        """``kill-server`` on this fleet's own socket (never any other); removes its socket file."""
+        await self._run("kill-server", check=False)
+        path = self.socket_path()
+        if os.path.exists(path) and not await self.server_alive():
+            os.unlink(path)  # a crashed server leaves its socket file behind
+
+    def socket_path(self) -> str:
+        """Filesystem path of the ``-L`` socket (``$TMUX_TMPDIR`` or /tmp, then ``tmux-<uid>``)."""
+        base = os.environ.get("TMUX_TMPDIR") or "/tmp"
+        return os.path.join(base, f"tmux-{os.getuid()}", self.socket)
+
+    # -- input ---------------------------------------------------------------------------------
+
+    async def deliver(self, slot: str, text: str, submit: SubmitProfile | None) -> None:
+        """Paste ``text`` as one bracketed paste, then press ``submit.key`` after ``submit.delay_ms``.
+
+        One tmux call when the delay is 0, two otherwise.
+        """
+        buf = f"fleet-{secrets.token_hex(4)}"
+        tgt = target(slot)
+        args = ["load-buffer", "-b", buf, "-", ";", "paste-buffer", "-p", "-d", "-b", buf, "-t", tgt]
+        if submit is not None and submit.delay_ms <= 0:
+            args += [";", "send-keys", "-t", tgt, submit.key]
+        await self._run(*args, stdin=text.encode("utf-8"))
+        if submit is not None and submit.delay_ms > 0:
+            await anyio.sleep(submit.delay_ms / 1000)
+            await self._run("send-keys", "-t", tgt, submit.key)
+
+    async def send_keys(self, slot: str, *keys: str) -> None:
+        await self._run("send-keys", "-t", target(slot), *keys)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def screen(self, slot: str, *, history: int = 0) -> Screen:
+        """One tmux call: cursor, size and state, then the capture."""
+        tgt = target(slot)
+        out = await self._run(
+            "display-message", "-p", "-t", tgt,
+            "#{cursor_x} #{cursor_y} #{pane_width} #{pane_height} #{pane_dead} #{history_size}",
+            ";", "capture-pane", "-p", "-t", tgt, "-S", str(-history) if history else "0",
+        )
+        head, _, body = out.partition("\n")
+        cx, cy, w, h, dead, hist = (int(x or 0) for x in head.split(" "))
+        rows = body.split("\n")
+        if rows and rows[-1] == "":
+            rows.pop()
+        n_hist = min(history, hist)
+        visible = rows[n_hist:n_hist + h]
+        visible += [""] * (h - len(visible))
+        return Screen(lines=visible, history=rows[:n_hist], cursor_x=cx, cursor_y=cy, width=w, height=h, dead=dead == 1)
+
+    async def capture(self, slot: str, *, lines: int | None = None) -> str:
+        """The last ``lines`` rows of the pane (history included), trailing blank rows dropped."""
+        scr = await self.screen(slot, history=max(0, (lines or 0) - self.height))
+        rows = scr.history + scr.lines
+        while rows and not rows[-1].strip():
+            rows.pop()
+        return "\n".join(rows[-lines:] if lines else rows)
+
+    async def probe_all(self) -> dict[str, PaneInfo]:
+        """Every slot pane, from one ``list-panes -a`` call; {} when the server is not running."""
+        self.calls += 1
+        proc = await anyio.run_process([*self.base, "list-panes", "-a", "-F", _FIELDS], check=False, env=_client_env())
+        if proc.returncode != 0:
+            return {}
+        return parse_panes(proc.stdout.decode("utf-8", "replace"), time.time())
+
+    # -- viewers -------------------------------------------------------------------------------
+
+    def watch(self, slot: str) -> int:
+        """Attach read-only to a throwaway session grouped with the slot's; removed on detach.
+
+        The slot's window keeps its size (``window-size manual``). Returns tmux's exit code.
+        """
+        name = f"_watch-{session_name(slot)}-{os.getpid()}"
+        self.run_sync("new-session", "-d", "-t", f"={session_name(slot)}", "-s", name,
+                      ";", "set-option", "-t", f"={name}", "destroy-unattached", "on")
+        try:
+            return subprocess.call([*self.base, "attach-session", "-r", "-t", f"={name}"], env=_client_env())
+        finally:
+            self.run_sync("kill-session", "-t", f"={name}", check=False)
+
+    def attach(self, slot: str) -> int:
+        """Attach read-write to the slot's own session (explicit takeover)."""
+        self.run_sync("has-session", "-t", f"={session_name(slot)}")
+        return subprocess.call([*self.base, "attach-session", "-t", f"={session_name(slot)}"], env=_client_env())
+
+
+def parse_panes(text: str, now: float) -> dict[str, PaneInfo]:
+    """Parse ``list-panes -a -F`` output (see ``_FIELDS``) into slot → :class:`PaneInfo`."""
+    panes: dict[str, PaneInfo] = {}
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 8:
+            continue
+        sess, win, pane, pid, cmd, dead, status, activity = parts
+        slot = slot_name(sess)
+        if slot is None or win != "0" or pane != "0":
+            continue
+        is_dead = dead == "1"
+        panes[slot] = PaneInfo(
+            slot=slot,
+            alive=not is_dead,
+            pid=int(pid) if pid.isdigit() and not is_dead else None,
+            command=None if is_dead else (cmd or None),
+            exit_status=int(status) if is_dead and status.lstrip("-").isdigit() else None,
+            idle_s=max(0.0, now - int(activity)) if activity.isdigit() else None,
+        )
+    return panes
+
+
+def _client_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TMUX", None)  # never let an enclosing tmux session redirect our client
+    return env
+
+
+def _map_error(err: str, args: tuple[str, ...]) -> TransportError:
+    low = err.lower()
+    if "can't find" in low or "no server running" in low or "error connecting" in low:
+        return SlotNotFound(err or "no such session")
+    if "pane is dead" in low:
+        return SlotDead(err)
+    return TransportError(f"tmux {shlex.join(args[:1])} failed: {err}")
