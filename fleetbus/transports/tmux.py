@@ -217,12 +217,15 @@ class TmuxTransport:
         The slot's window keeps its size (``window-size manual``). Returns tmux's exit code.
         """
         name = f"_watch-{session_name(slot)}-{os.getpid()}"
-        self.run_sync("new-session", "-d", "-t", f"={session_name(slot)}", "-s", name,
-                      ";", "set-option", "-t", f"={name}", "destroy-unattached", "on")
+        self.run_sync("new-session", "-d", "-t", f"={session_name(slot)}", "-s", name)
+        # tmux 3.3a: an exact "=name" target does not find a just-grouped session, and
+        # destroy-unattached set before attaching destroys it at once; so set it from the
+        # attached client itself (the name is unique: our pid).
         try:
-            return subprocess.call([*self.base, "attach-session", "-r", "-t", f"={name}"], env=_client_env())
+            return subprocess.call([*self.base, "attach-session", "-r", "-t", name, ";",
+                                    "set-option", "-t", name, "destroy-unattached", "on"], env=_client_env())
         finally:
-            self.run_sync("kill-session", "-t", f"={name}", check=False)
+            self.run_sync("kill-session", "-t", name, check=False)
 
     def attach(self, slot: str) -> int:
         """Attach read-write to the slot's own session (explicit takeover)."""

@@ -1,0 +1,286 @@
+"""Integration tests on a real tmux server (private socket per test) with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import anyio
+import psutil
+import pytest
+
+from conftest import needs_tmux, wait_for
+from fleetbus.client import Client
+from fleetbus.router import procs
+
+pytestmark = [needs_tmux, pytest.mark.tmux]
+
+BASIC = """\
+version: 1
+tenant: t1
+transport: {kind: tmux, socket: it}
+bus: {heartbeat_ms: 200, liveness: 3, verify_timeout_s: 8}
+agents:
+  - {name: a, runtime: stub, class: reviewer}
+  - {name: a0, runtime: stub, class: reviewer}
+  - {name: sh0, runtime: shell}
+  - {name: py0, runtime: python}
+"""
+
+
+def send(fe, slot, body, **kw):
+    async def main():
+        async with Client(fe.fleet, fe.paths) as c:
+            return await c.send(slot, body, **kw)
+    return anyio.run(main, backend="asyncio")
+
+
+def screen_text(fe, slot) -> str:
+    return fe.tmux_cmd("capture-pane", "-p", "-J", "-S", "-200", "-t", f"={slot}:0.0")
+
+
+def test_send_verify_every_runtime(make_fleet):
+    fe = make_fleet(BASIC)
+    fe.up()
+    r = send(fe, "a", "review PR 12", verify=True)
+    assert (r.result, r.evidence) == ("accepted", "runtime-ack"), r
+    assert r.tenant_id == "t1" and r.host and len(r.id) == 12
+    wait_for(lambda: "reply #1: got" in screen_text(fe, "a"), what="stub reply")
+
+    r = send(fe, "sh0", "echo fleet-$((40+2))", verify=True)
+    assert (r.result, r.evidence) == ("accepted", "pane-diff"), r
+    wait_for(lambda: "fleet-42" in screen_text(fe, "sh0"), what="shell ran the command")
+
+    r = send(fe, "py0", "print(6 * 7)", verify=True)
+    assert (r.result, r.evidence) == ("accepted", "pane-diff"), r
+    wait_for(lambda: "\n42" in screen_text(fe, "py0"), what="python printed 42")
+
+    # multi-line message to the stub arrives as one prompt (bracketed paste)
+    r = send(fe, "a", "line one\nline two\nline three", verify=True)
+    assert r.result == "accepted", r
+    wait_for(lambda: "in 3 line(s)" in screen_text(fe, "a"), what="one 3-line prompt")
+
+    # the CLI prints the same result and exits 0
+    p = fe.cli("send", "a", "-m", "from the cli", "--verify", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["result"] == "accepted" and out["evidence"] == "runtime-ack"
+    # stdin as the message source
+    p = fe.cli("send", "a0", "--verify", input="piped body\n")
+    assert p.returncode == 0 and "accepted (runtime-ack)" in p.stdout, p.stdout + p.stderr
+
+
+def test_draft_when_program_never_submits(make_fleet):
+    fe = make_fleet("""\
+version: 1
+tenant: t2
+transport: {kind: tmux, socket: it}
+agents:
+  - {name: stuck, runtime: stub, command: [python3, -m, fleetbus.agents.stub, --ignore-enter]}
+""")
+    fe.up()
+    p = fe.cli("send", "stuck", "-m", "please run", "--verify", "--timeout", "1.5", "--json")
+    assert p.returncode == 1, p.stdout + p.stderr
+    out = json.loads(p.stdout)
+    assert out["result"] == "draft" and out["submit_retries"] == 1, out
+    assert "fleet#" + out["id"] in screen_text(fe, "stuck")
+
+
+def test_busy_input_line_is_refused_and_nothing_typed(make_fleet):
+    fe = make_fleet(BASIC)
+    fe.up()
+    fe.tmux_cmd("send-keys", "-t", "=sh0:0.0", "-l", "half-typed by a human")
+    wait_for(lambda: "half-typed by a human" in screen_text(fe, "sh0"), what="human text")
+    p = fe.cli("send", "sh0", "-m", "echo hi", "--verify", "--json")
+    assert p.returncode == 3, p.stdout + p.stderr
+    out = json.loads(p.stdout)
+    assert out["result"] == "rejected" and out["code"] == "busy-input"
+    assert "fleet#" not in screen_text(fe, "sh0")
+    # explicit --on-busy-input=clear empties the line first, then delivers
+    p = fe.cli("send", "sh0", "-m", "echo cleared-ok", "--verify", "--on-busy-input", "clear", "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    wait_for(lambda: "\ncleared-ok" in screen_text(fe, "sh0"), what="command ran after clear")
+    assert "half-typed by a humanecho" not in screen_text(fe, "sh0")
+
+
+def test_dead_stale_and_router_restart(make_fleet):
+    fe = make_fleet(BASIC)
+    fe.up()
+    rows = fe.ps()
+    assert all(r.heartbeat == "healthy" and not r.flags for r in rows.values()), rows
+    pids_before = {s: r.pid for s, r in rows.items()}
+
+    # kill a runtime: DEAD within interval x liveness (0.6 s; generous timeout)
+    os.kill(rows["py0"].pid, signal.SIGKILL)
+    wait_for(lambda: "DEAD" in fe.ps()["py0"].flags, timeout=5, what="py0 DEAD")
+    assert fe.ps()["py0"].pane == "dead"
+    p = fe.cli("send", "py0", "-m", "print(1)", "--verify", "--json")
+    assert p.returncode == 3 and json.loads(p.stdout)["code"] == "slot-dead"
+
+    # kill a sidecar: STALE
+    sc = procs.sidecar_pid(fe.paths, "sh0")
+    assert sc is not None
+    os.kill(sc, signal.SIGKILL)
+    wait_for(lambda: "STALE" in fe.ps()["sh0"].flags, timeout=5, what="sh0 STALE")
+
+    # restart the router: sidecars re-register, no slot restarts
+    rpid = procs.router_pid(fe.paths)
+    os.kill(rpid, signal.SIGKILL)
+    procs.wait_gone(rpid, 5)
+    offline = fe.ps()  # router down: heartbeat files tell the truth
+    assert all(r.source == "files" for r in offline.values())
+    assert offline["a"].heartbeat == "healthy"
+    fe.up()
+
+    def healthy_again():
+        rows = fe.ps()
+        return all(rows[s].heartbeat == "healthy" for s in ("a", "a0")) and rows
+    rows = wait_for(healthy_again, timeout=15, what="sidecars re-registered")
+    assert rows["a"].source == "router"
+    for s in ("a", "a0", "sh0"):
+        assert rows[s].pid == pids_before[s], f"slot {s} was restarted"
+    r = send(fe, "a", "after router restart", verify=True)
+    assert (r.result, r.evidence) == ("accepted", "runtime-ack")
+
+    # operator verbs bring the dead slot and the killed sidecar back
+    assert fe.cli("start", "py0").returncode == 0
+    assert fe.cli("restart", "sh0").returncode == 0
+    fe.cli("start", "sh0")  # sidecar of sh0 is started again by `start` when missing
+    wait_for(lambda: not fe.ps()["py0"].flags, timeout=10, what="py0 healthy after start")
+
+
+def test_similar_names_never_cross(make_fleet):
+    fe = make_fleet("""\
+version: 1
+tenant: t4
+transport: {kind: tmux, socket: it}
+agents:
+  - {name: a, runtime: stub}
+  - {name: a0, runtime: stub}
+  - {name: b.c, runtime: stub}
+  - {name: b_c, runtime: stub}
+""")
+    fe.up()
+    ids = {}
+    for slot in ("a", "a0", "b.c", "b_c"):
+        r = send(fe, slot, f"only for {slot}", verify=True)
+        assert (r.result, r.evidence) == ("accepted", "runtime-ack"), r
+        ids[slot] = r.id
+    sessions = {"a": "a", "a0": "a0", "b.c": "b,c", "b_c": "b_c"}
+    for slot, sess in sessions.items():
+        text = screen_text(fe, sess)
+        for other, msg_id in ids.items():
+            assert (msg_id in text) == (other == slot), f"{other}'s message in {slot}'s pane: {other == slot}"
+
+
+def test_default_tmux_server_untouched(make_fleet):
+    fe = make_fleet(BASIC)
+    # a decoy "default" server in this test's private TMUX_TMPDIR
+    subprocess.run(["tmux", "-f", "/dev/null", "new-session", "-d", "-s", "a", "cat"], check=True, env=fe.env)
+    try:
+        fe.up()
+        assert send(fe, "a", "for the fleet's a", verify=True).result == "accepted"
+        decoy = subprocess.run(["tmux", "list-sessions", "-F", "#{session_name}"], env=fe.env,
+                               capture_output=True, text=True).stdout.split()
+        assert decoy == ["a"]
+        decoy_screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", "=a:0.0"], env=fe.env,
+                                      capture_output=True, text=True).stdout
+        assert "fleet#" not in decoy_screen and not decoy_screen.strip()
+    finally:
+        subprocess.run(["tmux", "kill-server"], env=fe.env)
+
+
+def test_bad_input(make_fleet, tmp_path):
+    fe = make_fleet(BASIC)
+    fe.up()
+    p = fe.cli("send", "nosuch", "-m", "hi")
+    assert p.returncode == 3 and "unknown slot 'nosuch'" in p.stderr
+    # escape sequences, including a bracketed-paste end marker, are refused; nothing typed
+    before = screen_text(fe, "sh0")
+    p = fe.cli("send", "sh0", "-m", "echo ok\x1b[201~touch /tmp/pwned", "--json")
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert json.loads(p.stdout)["code"] == "invalid-body"
+    assert screen_text(fe, "sh0") == before
+    p = fe.cli("send", "sh0", "-f", "/dev/null")
+    assert p.returncode == 3 and "empty" in p.stdout
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\xff\xfe not utf-8")
+    p = fe.cli("send", "sh0", "-f", str(bad))
+    assert p.returncode == 3 and "not UTF-8" in p.stderr
+    # invalid roster: exit 2 naming the file and the path inside it
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: 1\nagents:\n  - {name: ok}\n  - {name: 'Bad:Name'}\n")
+    p = subprocess.run([sys.executable, "-m", "fleetbus", "--roster", str(broken), "ps"], env=fe.env,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and str(broken) in p.stderr and "agents[1].name" in p.stderr
+
+
+def test_ps_json_and_router_down(make_fleet):
+    fe = make_fleet(BASIC)
+    p = fe.cli("ps", "--json")  # nothing started yet: every slot DEAD, no sidecar
+    assert p.returncode == 0
+    rows = json.loads(p.stdout)
+    assert [r["slot"] for r in rows] == ["a", "a0", "sh0", "py0"]
+    assert all("DEAD" in r["flags"] and "NO-SIDECAR" in r["flags"] for r in rows)
+    fe.up()
+    rows = json.loads(fe.cli("ps", "--json").stdout)
+    assert all(r["tenant_id"] == "t1" and r["host"] for r in rows)
+    assert all(r["pane"] == "alive" and r["heartbeat"] == "healthy" and r["flags"] == [] for r in rows), rows
+    a = rows[0]
+    assert a["class"] == "reviewer" and psutil.Process(a["pid"]).name().startswith("python")
+    assert a["process"]["rss_mb"] > 0
+    # tail and a plain-text table
+    assert "stub>" in fe.cli("tail", "a", "-n", "5").stdout
+    assert "SLOT" in fe.cli("ps").stdout
+    # start on a running slot is refused clearly
+    p = fe.cli("start", "a")
+    assert p.returncode == 3 and "already running" in p.stderr
+
+
+def test_drift_and_reset(make_fleet):
+    fe = make_fleet("""\
+version: 1
+tenant: t3
+transport: {kind: tmux, socket: it}
+agents:
+  - {name: s, runtime: stub}
+  - {name: fake, runtime: stub, command: [sleep, "300"]}
+""")
+    fe.up()
+    rows = fe.ps()
+    assert rows["fake"].flags == [], "a command override is what the slot should run"
+    # the stub's pane now runs something else: DRIFT
+    fe.tmux_cmd("respawn-pane", "-k", "-t", "=s:0.0", "sleep", "300")
+    wait_for(lambda: "DRIFT" in fe.ps()["s"].flags, timeout=5, what="DRIFT")
+    fe.cli("restart", "s")
+    wait_for(lambda: "DRIFT" not in fe.ps()["s"].flags, timeout=5, what="no DRIFT after restart")
+    wait_for(lambda: "stub>" in screen_text(fe, "s"), what="stub prompt")
+    p = fe.cli("reset", "s", "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    wait_for(lambda: "(new session)" in screen_text(fe, "s"), what="stub reset")
+
+
+def test_watch_is_read_only_and_removed_on_detach(make_fleet):
+    fe = make_fleet(BASIC)
+    fe.up()
+    viewer = ["tmux", "-L", "viewer", "-f", "/dev/null"]
+    cmd = f"{sys.executable} -m fleetbus --roster {fe.roster} watch a"
+    subprocess.run([*viewer, "new-session", "-d", "-x", "60", "-y", "15", "-s", "v", cmd], check=True, env=fe.env)
+    try:
+        def watch_sessions():
+            out = fe.tmux_cmd("list-sessions", "-F", "#{session_name} #{session_attached}")
+            return [line for line in out.splitlines() if line.startswith("_watch-a-")]
+        wait_for(lambda: [s for s in watch_sessions() if s.endswith(" 1")], what="attached watch session")
+        size = fe.tmux_cmd("display-message", "-p", "-t", "=a:0", "#{window_width}x#{window_height}").strip()
+        assert size == "200x50", "a 60x15 viewer must not resize the agent's window"
+        # typing in the viewer never reaches the agent (read-only client)
+        subprocess.run([*viewer, "send-keys", "-t", "=v:0.0", "-l", "typed-in-viewer"], env=fe.env)
+        subprocess.run([*viewer, "send-keys", "-t", "=v:0.0", "Enter"], env=fe.env)
+        subprocess.run([*viewer, "send-keys", "-t", "=v:0.0", "C-b", "d"], env=fe.env)
+        wait_for(lambda: not watch_sessions(), what="watch session removed on detach")
+        assert "typed-in-viewer" not in screen_text(fe, "a")
+    finally:
+        subprocess.run([*viewer, "kill-server"], env=fe.env)
