@@ -187,7 +187,8 @@ def main() -> int:
     args = ap.parse_args()
     q = args.quick
     n_stub, n_shell, n_cli, n_ps_in, n_ps_cli = (20, 10, 5, 5, 3) if q else (200, 100, 30, 20, 10)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks on SIGTERM too
+    for sig in (signal.SIGTERM, signal.SIGINT):  # exit through the finally blocks (asyncio's own
+        signal.signal(sig, lambda n, _: sys.exit(128 + n))  # SIGINT handling may swallow a Ctrl-C)
 
     tmux_v = subprocess.run(["tmux", "-V"], capture_output=True, text=True).stdout.strip()
     print(f"command: .venv/bin/python bench/send_ps.py{' --quick' if q else ''}")

@@ -35,7 +35,8 @@ from pydantic import (
 
 from fleetbus.adapters import names as runtime_names
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: Longest slot or tenant name; keeps socket paths under the 107-byte Unix limit.
 MAX_NAME = 40
 
@@ -50,7 +51,7 @@ class RosterError(ValueError):
 
 
 def _check_name(value: str) -> str:
-    if not NAME_RE.match(value) or len(value) > MAX_NAME:
+    if not NAME_RE.fullmatch(value) or len(value) > MAX_NAME:
         raise ValueError(
             f"names match [a-z0-9][a-z0-9._-]* and are at most {MAX_NAME} characters "
             f"(got {value!r})"
@@ -59,6 +60,16 @@ def _check_name(value: str) -> str:
 
 
 Name = Annotated[str, AfterValidator(_check_name)]
+
+
+def _check_env(value: dict[str, str]) -> dict[str, str]:
+    for k in value:
+        if not ENV_NAME_RE.fullmatch(k):
+            raise ValueError(f"environment variable names match [A-Za-z_][A-Za-z0-9_]* (got {k!r})")
+    return value
+
+
+Env = Annotated[dict[str, str], AfterValidator(_check_env)]
 
 
 def _check_runtime(value: str) -> str:
@@ -106,7 +117,7 @@ class Defaults(_Model):
 
     runtime: Runtime = "stub"
     workdir: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    env: Env = Field(default_factory=dict)
     class_: str | None = Field(None, alias="class")
 
 
@@ -117,25 +128,24 @@ class AgentConfig(_Model):
     runtime: Runtime | None = None
     class_: str | None = Field(None, alias="class")
     workdir: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    env: Env = Field(default_factory=dict)
     command: list[str] | None = Field(None, min_length=1)
     heartbeat_ms: int | None = Field(None, ge=50, le=60_000)
     liveness: int | None = Field(None, ge=1, le=100)
     reset_between_tasks: bool = False
-
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for k in v:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
-                raise ValueError(f"environment variable names match [A-Za-z_][A-Za-z0-9_]* (got {k!r})")
-        return v
 
 
 class Roster(_Model):
     """The whole roster file."""
 
     version: Literal[1]
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _int_version(cls, v: Any) -> Any:
+        if type(v) is not int:
+            raise ValueError(f"expected the integer 1 (got {v!r})")
+        return v
     tenant: Name | None = None
     transport: TransportConfig = TransportConfig()
     bus: BusConfig = BusConfig()

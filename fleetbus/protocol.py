@@ -181,7 +181,7 @@ class SendResult(BaseModel):
             ``rejected`` (nothing was typed; ``code`` says why).
         evidence: ``runtime-ack`` or ``pane-diff`` when accepted.
         code: stable reason code when rejected: ``unknown-slot``, ``slot-down``, ``slot-dead``,
-            ``invalid-body``, ``busy-input``.
+            ``invalid-body``, ``busy-input``, ``no-prompt``.
         latency_ms: ms from the router receiving the SEND to the result.
         submit_retries: extra submit keys sent after a detected draft (never re-typed text).
     """
@@ -296,7 +296,7 @@ def decode(frame: bytes) -> Any:
         raise ProtocolError(f"not msgpack: {type(e).__name__}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"expected a map, got {type(data).__name__}")
-    if data.get("v") != PROTOCOL_VERSION:
+    if type(data.get("v")) is not int or data["v"] != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {data.get('v')!r}")
     try:
         return _ENVELOPE.validate_python(data)

@@ -248,12 +248,6 @@ def test_read_heartbeat_file_missing_is_none(tmp_path):
     assert read_heartbeat_file(tmp_path) is None  # a directory
 
 
-@pytest.mark.xfail(
-    reason="status.py:37-40 only OSError is caught around path.read_text(); a heartbeat file holding "
-    "non-UTF-8 bytes (e.g. a torn write) raises UnicodeDecodeError out of read_heartbeat_file and so out of "
-    "beats_from_files / `fleet ps`",
-    strict=True,
-)
 def test_read_heartbeat_file_binary_garbage_is_none(tmp_path):
     p = write_hb(tmp_path, b"\xff\xfe\x00ts=\x80\x81garbage")
     assert read_heartbeat_file(p, now=20.0) is None

@@ -284,3 +284,28 @@ def test_watch_is_read_only_and_removed_on_detach(make_fleet):
         assert "typed-in-viewer" not in screen_text(fe, "a")
     finally:
         subprocess.run([*viewer, "kill-server"], env=fe.env)
+
+
+def test_not_at_prompt_refused_and_busy_stub_queues(make_fleet):
+    fe = make_fleet("""\
+version: 1
+tenant: t5
+transport: {kind: tmux, socket: it}
+agents:
+  - {name: sh0, runtime: shell}
+  - {name: slow, runtime: stub, command: [fleet-stub, --think-ms, "1500"]}
+""")
+    fe.up()
+    # a program is running in the shell: its input line has no prompt, nothing is typed
+    assert send(fe, "sh0", "sleep 3", verify=True).result == "accepted"
+    r = send(fe, "sh0", "echo must-not-run", verify=True)
+    assert (r.result, r.code) == ("rejected", "no-prompt"), r
+    assert "must-not-run" not in screen_text(fe, "sh0")
+    # the stub keeps its input line during a turn; a prompt sent then is queued and acked when taken
+    first = send(fe, "slow", "first", verify=True)
+    assert first.result == "accepted"
+    wait_for(lambda: fe.ps()["slow"].state == "busy", timeout=5, what="stub busy")
+    second = send(fe, "slow", "second", verify=True, timeout_s=10)
+    assert (second.result, second.evidence) == ("accepted", "runtime-ack"), second
+    assert second.latency_ms > 300, "acked when the stub took it after the first turn, not when typed"
+    wait_for(lambda: "reply #2" in screen_text(fe, "slow"), what="second reply")

@@ -93,8 +93,8 @@ class Adapter:
     def typed_text(self, input_line: str) -> str:
         """Return what is typed on ``input_line`` after the prompt (stripped).
 
-        When the prompt is not recognised the whole line counts as typed text, so an unknown
-        screen is never mistaken for an empty input line.
+        When the prompt is not recognised the whole line counts as typed text (callers decide
+        first, with :func:`fleetbus.router.verify.typed_text`, whether the pane is at its prompt).
         """
         m = self.prompt.match(input_line)
         rest = input_line[m.end():] if m else input_line

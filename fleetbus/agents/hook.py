@@ -40,12 +40,12 @@ def send_hook(event: str, *, prompt: str = "", session_id: str | None = None, pa
     path = path or os.environ.get("FLEETBUS_HOOK_SOCKET")
     if not path:
         return False
-    data = hook_frame(event, prompt=prompt, session_id=session_id,
-                      slot=os.environ.get("FLEETBUS_SLOT", ""), runtime=os.environ.get("FLEETBUS_RUNTIME", ""))
     try:
+        data = hook_frame(event, prompt=prompt.encode("utf-8", "replace").decode("utf-8"), session_id=session_id,
+                          slot=os.environ.get("FLEETBUS_SLOT", ""), runtime=os.environ.get("FLEETBUS_RUNTIME", ""))
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.setblocking(False)
             s.sendto(data, path)
         return True
-    except OSError:
+    except (OSError, ValueError):
         return False

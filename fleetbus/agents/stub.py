@@ -7,8 +7,10 @@ It behaves like an agent TUI where it matters for delivery:
 - it shows its input line as ``stub> <draft>`` (newlines drawn as ``⏎``), so pane-diff can read
   it like any input box;
 - on submit it reports ``prompt-submit`` (with the prompt) and ``turn-start`` through the hook
-  path, prints a reply after ``--think-ms``, then reports ``turn-end``; ``/clear`` starts a new
-  session and reports ``session-start``;
+  path, prints a reply above its input line after ``--think-ms``, then reports ``turn-end``;
+  its input line stays open during a turn, and prompts submitted then are queued and taken
+  (reported) when the turn ends, as agent TUIs do; ``/clear`` starts a new session and reports
+  ``session-start``;
 - ``--ignore-enter`` models a program that never submits on Enter (the text stays a draft).
 
 Run: ``python -m fleetbus.agents.stub [--think-ms MS] [--ignore-enter]`` (``fleet-stub``).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import sys
 import termios
@@ -33,22 +36,28 @@ PROMPT = "stub> "
 
 
 class Stub:
-    def __init__(self, think_ms: int, ignore_enter: bool, out=None):
+    """The stub's state machine; ``feed`` takes terminal input, ``tick`` ends due turns."""
+
+    def __init__(self, think_ms: int, ignore_enter: bool, out=None, clock=time.monotonic):
         self.think_ms = think_ms
         self.ignore_enter = ignore_enter
         self.out = out or sys.stdout
+        self.clock = clock
         self.draft: list[str] = []
         self.in_paste = False
         self.pending = b""
         self.session_id = uuid.uuid4().hex
         self.turns = 0
+        self.queue: list[str] = []
+        self.current: str | None = None
+        self.turn_end = 0.0
 
     def write(self, s: str) -> None:
         self.out.write(s)
         self.out.flush()
 
-    def prompt(self) -> None:
-        self.write(PROMPT)
+    def render_input(self) -> str:
+        return PROMPT + "".join(self.draft).replace("\n", " ⏎ ")
 
     def add_text(self, text: str) -> None:
         self.draft.append(text)
@@ -58,25 +67,41 @@ class Stub:
         text = "".join(self.draft)
         self.draft = []
         self.write("\r\n")
-        if not text.strip():
-            self.prompt()
-            return
-        if text.strip() == "/clear":
+        if text.strip() == "/clear" and self.current is None:
             self.session_id = uuid.uuid4().hex
+            self.queue.clear()
             send_hook("session-start", session_id=self.session_id)
             self.write("(new session)\r\n")
-            self.prompt()
-            return
+        elif text.strip():
+            if self.current is None:
+                self.start_turn(text)
+            else:  # busy: hold it, as agent TUIs queue prompts typed during a turn
+                self.queue.append(text)
+                self.write(f"(queued, {len(self.queue)} waiting)\r\n")
+        self.write(self.render_input())
+
+    def start_turn(self, text: str) -> None:
         send_hook("prompt-submit", prompt=text, session_id=self.session_id)
         send_hook("turn-start", session_id=self.session_id)
-        self.turns += 1
-        if self.think_ms:
-            time.sleep(self.think_ms / 1000)
-        lines = text.count("\n") + 1
-        first = text.split("\n", 1)[0]
-        self.write(f"reply #{self.turns}: got {len(text)} chars in {lines} line(s): {first[:80]}\r\n")
-        send_hook("turn-end", session_id=self.session_id)
-        self.prompt()
+        self.current = text
+        self.turn_end = self.clock() + self.think_ms / 1000
+
+    def tick(self) -> None:
+        """Finish the current turn if its time has come: print the reply above the input line."""
+        while self.current is not None and self.clock() >= self.turn_end:
+            text, self.current = self.current, None
+            self.turns += 1
+            first = text.split("\n", 1)[0]
+            self.write(f"\r\x1b[Kreply #{self.turns}: got {len(text)} chars in {text.count(chr(10)) + 1} line(s): "
+                       f"{first[:80]}\r\n")
+            send_hook("turn-end", session_id=self.session_id)
+            if self.queue:
+                self.start_turn(self.queue.pop(0))
+            self.write(self.render_input())
+
+    def timeout(self) -> float | None:
+        """Seconds until the current turn ends (None when idle)."""
+        return None if self.current is None else max(0.0, self.turn_end - self.clock())
 
     def feed(self, data: bytes) -> None:
         """Consume raw terminal input (handles paste markers split across reads)."""
@@ -132,22 +157,23 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_sigint(*_):  # C-c drops the draft, like a TUI's interrupt
         stub.draft = []
+        stub.queue.clear()
         stub.write("^C\r\n" + PROMPT)
 
     signal.signal(signal.SIGINT, on_sigint)
     stub.write("\x1b[?2004h")
     stub.write(f"fleetbus stub agent (slot {os.environ.get('FLEETBUS_SLOT', '?')}, session {stub.session_id[:8]})\r\n")
     send_hook("session-start", session_id=stub.session_id)
-    stub.prompt()
+    stub.write(PROMPT)
     try:
         while True:
-            try:
+            ready, _, _ = select.select([fd], [], [], stub.timeout())
+            if ready:
                 data = os.read(fd, 65536)
-            except InterruptedError:
-                continue
-            if not data:
-                return 0
-            stub.feed(data)
+                if not data:
+                    return 0
+                stub.feed(data)
+            stub.tick()
     finally:
         if old is not None:
             termios.tcsetattr(fd, termios.TCSADRAIN, old)

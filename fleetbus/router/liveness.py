@@ -52,6 +52,9 @@ class LivenessTable:
         old = self.peers.get(slot)
         if old is not None:
             self._by_rid.pop(old.routing_id, None)
+        other = self._by_rid.pop(routing_id, None)
+        if other is not None and other != slot:
+            self.peers.pop(other, None)
         now = self.clock()
         peer = Peer(slot, routing_id, pid, adapter, heartbeat_ms, liveness, now, now)
         self.peers[slot] = peer

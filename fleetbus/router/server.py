@@ -416,6 +416,10 @@ class Router:
         if screen.dead:
             return result("rejected", code="slot-dead", detail=f"slot {slot.name!r}: its program has exited (see `fleet ps`)")
         typed = verify.typed_text(adapter, screen)
+        if typed is None:
+            return result("rejected", code="no-prompt",
+                          detail=f"{slot.name!r} is not at its prompt (a program may be running in it, or it "
+                                 "is still starting); nothing was typed")
         if typed:
             if req.on_busy_input == "fail":
                 return result("rejected", code="busy-input",
@@ -424,7 +428,7 @@ class Router:
             await self.transport.send_keys(slot.name, *adapter.clear_keys)
             await anyio.sleep(0.05)
             typed = verify.typed_text(adapter, await self.transport.screen(slot.name))
-            if typed:
+            if typed is None or typed:
                 return result("rejected", code="busy-input", detail=f"could not clear the input line of {slot.name!r} ({typed[:60]!r})")
 
         msg_id = secrets.token_hex(6)

@@ -7,6 +7,7 @@ the router is down, from the sidecars' heartbeat files.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -35,8 +36,8 @@ class Beat:
 def read_heartbeat_file(path: Path, now: float | None = None) -> Beat | None:
     """Parse a sidecar heartbeat file (``ts=``, ``pid=``, ``status=``, ``heartbeat_ms=``, ``liveness=``)."""
     try:
-        text = path.read_text()
-    except OSError:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
         return None
     kv = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     try:
@@ -44,6 +45,8 @@ def read_heartbeat_file(path: Path, now: float | None = None) -> Beat | None:
         limit = int(kv.get("heartbeat_ms", "1000")) * int(kv.get("liveness", "3")) / 1000
         pid = int(kv["pid"]) if kv.get("pid", "").isdigit() else None
     except (KeyError, ValueError):
+        return None
+    if not math.isfinite(ts):
         return None
     now = time.time() if now is None else now
     return Beat(age_s=max(0.0, now - ts), limit_s=limit, state=kv.get("status", "unknown"), sidecar_pid=pid)

@@ -1,13 +1,14 @@
 """Pane-diff verification: pure functions over a :class:`~fleetbus.transports.base.Screen`.
 
-The input region is the adapter's input line: from the nearest row above the cursor that starts
-with the adapter's prompt (at most ``MAX_INPUT_ROWS`` rows up) down to the cursor row, joined
-without separators so a marker split by line wrapping is still found. A spinner or clock that
+The input region is the adapter's input line: the cursor row and the rows above it that wrapped
+into it, up to the row that starts with the adapter's prompt, joined without separators so a
+marker split by line wrapping is still found. A spinner or clock that
 changes elsewhere on the screen never counts as acceptance.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Literal
 
 from fleetbus.adapters.base import Adapter
@@ -18,22 +19,43 @@ MAX_INPUT_ROWS = 60
 PaneVerdict = Literal["accepted", "draft", "pending"]
 
 
-def input_region(adapter: Adapter, screen: Screen) -> tuple[int, str]:
-    """Return ``(first_row, text)`` of the input region: prompt row through cursor row."""
-    cy = min(max(screen.cursor_y, 0), len(screen.lines) - 1) if screen.lines else 0
+def cell_width(text: str) -> int:
+    """Terminal cells ``text`` occupies (East Asian wide and fullwidth characters count 2)."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def input_region(adapter: Adapter, screen: Screen) -> tuple[int, str, bool]:
+    """Return ``(first_row, text, at_prompt)`` of the input region.
+
+    The region starts at the cursor row and grows upward only across rows that wrapped into the
+    next one (rows filling the pane width, allowing one trimmed trailing space), stopping at the
+    first row that starts with the adapter's prompt. ``at_prompt`` says whether it found one.
+    A submitted command whose program is still running (cursor on a fresh row below it) is
+    therefore not part of the input region.
+    """
+    lines = screen.lines
+    if not lines:
+        return 0, "", False
+    cy = min(max(screen.cursor_y, 0), len(lines) - 1)
     start = cy
-    for row in range(cy, max(-1, cy - MAX_INPUT_ROWS), -1):
-        line = screen.lines[row] if row < len(screen.lines) else ""
-        m = adapter.prompt.match(line)
+    at_prompt = False
+    for _ in range(MAX_INPUT_ROWS):
+        m = adapter.prompt.match(lines[start])
         if m and m.end() > 0:
-            start = row
+            at_prompt = True
             break
-    return start, "".join(screen.lines[start:cy + 1])
+        if start == 0 or cell_width(lines[start - 1]) < screen.width - 1:
+            break
+        start -= 1
+    return start, "".join(lines[start:cy + 1]), at_prompt
 
 
-def typed_text(adapter: Adapter, screen: Screen) -> str:
-    """Text already sitting in the input region after the prompt ('' when the line is empty)."""
-    _, region = input_region(adapter, screen)
+def typed_text(adapter: Adapter, screen: Screen) -> str | None:
+    """Text already typed after the prompt ('' when empty); None when the input line has no
+    prompt (a program is running in the pane, or the screen is unknown): nothing may be typed."""
+    _, region, at_prompt = input_region(adapter, screen)
+    if not at_prompt and adapter.prompt.pattern not in ("", "^"):
+        return None
     return adapter.typed_text(region)
 
 
@@ -46,7 +68,7 @@ def classify(adapter: Adapter, screen: Screen, marker: str) -> PaneVerdict:
     """
     if screen.is_blank() and not any(h.strip() for h in screen.history):
         return "pending"
-    start, region = input_region(adapter, screen)
+    start, region, _ = input_region(adapter, screen)
     if marker in region:
         return "draft"
     above = "".join(screen.history) + "".join(screen.lines[:start])
