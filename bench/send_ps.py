@@ -118,8 +118,9 @@ def bench_send(home: Path, n_stub: int, n_shell: int, n_cli: int) -> list[str]:
                     results[key] = results.get(key, 0) + 1
             return wall, router_ms, results
 
-        out.append("1. API send -> accepted (client wall time around `await c.send(...)`, sequential;\n"
-                   "   'paced' sleeps 0.15 s untimed before each send so the stub's 100 ms turn is over):")
+        out.append("1. API send -> accepted (client wall time around `await c.send(...)`, sequential; the stub's\n"
+                   "   turn lasts 100 ms (--think-ms default): 'back-to-back' sends while it may still run,\n"
+                   "   'paced' sleeps 0.15 s untimed before each send so the previous turn is over):")
         for label, slot, body, n, want, pause in (
                 ("s0 stub back-to-back", "s0", "bench message {i}", n_stub, "runtime-ack", 0.0),
                 ("s0 stub paced", "s0", "bench message {i}", n_stub, "runtime-ack", 0.15),

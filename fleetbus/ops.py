@@ -104,6 +104,7 @@ def down(fleet: Fleet, paths: FleetPaths, timeout_s: float = 15.0) -> dict:
         procs.stop_pid(pid)
     procs.stop_sidecars(paths, list(fleet.slots))
     anyio.run(make_transport(fleet, paths).shutdown, backend="asyncio")
+    paths.remove_run_dir()
     return {"via": "local", "router_pid": pid}
 
 

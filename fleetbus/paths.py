@@ -98,6 +98,13 @@ class FleetPaths:
             )
 
 
+    def remove_run_dir(self) -> None:
+        """Remove the runtime dir's sockets and lock (after ``fleet down``); ignores leftovers."""
+        import shutil
+
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
 def _private_dir(d: Path) -> None:
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     st = d.stat()

@@ -108,6 +108,7 @@ def make_fleet(monkeypatch) -> Callable[[str], FleetEnv]:
         for slot in fe.fleet.slots:
             assert procs.sidecar_pid(fe.paths, slot) is None, f"sidecar {slot} still running after teardown"
         assert not Path(fe.tmux.socket_path()).exists(), "tmux socket left behind"
+        assert not fe.paths.run_dir.exists(), "runtime dir (sockets, lock) left behind"
     shutil.rmtree(base, ignore_errors=True)
 
 

@@ -207,6 +207,8 @@ class Router:
             pass
         if self._lockfd is not None:
             os.close(self._lockfd)
+        if self._teardown:
+            self.paths.remove_run_dir()
 
     def stop(self, teardown: bool = False) -> None:
         self._teardown = self._teardown or teardown
@@ -340,8 +342,11 @@ class Router:
         for name, peer in self.table.peers.items():
             age = self.table.age(name) or 0.0
             beats[name] = Beat(age_s=age, limit_s=peer.heartbeat_ms * peer.liveness / 1000, state=peer.state, sidecar_pid=peer.pid)
-        rows = collect_status(self.fleet, panes, beats, source="router", host=self.host)
-        return [r.model_dump(by_alias=True) for r in rows]
+        # the process-table pass runs in a worker thread: the event loop keeps answering
+        rows = await anyio.to_thread.run_sync(
+            lambda: [r.model_dump(by_alias=True) for r in collect_status(self.fleet, panes, beats, source="router",
+                                                                        host=self.host)])
+        return rows
 
     async def handle_shutdown(self, msg: P.ShutdownRequest) -> dict[str, Any]:
         self.stop(teardown=msg.teardown)

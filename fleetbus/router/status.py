@@ -63,17 +63,30 @@ def beats_from_files(fleet: Fleet, paths: FleetPaths) -> dict[str, Beat]:
     return out
 
 
-def _process_info(pid: int) -> dict | None:
-    try:
-        p = psutil.Process(pid)
-        with p.oneshot():
-            return {
-                "name": p.name(),
-                "rss_mb": round(p.memory_info().rss / 1048576, 1),
-                "children": len(p.children(recursive=True)),
-            }
-    except (psutil.Error, OSError):
-        return None
+class ProcessTable:
+    """One snapshot of the process table (a single psutil pass), so ``ps`` reads ``/proc`` once
+    whatever the number of slots."""
+
+    def __init__(self) -> None:
+        self.procs: dict[int, dict] = {}
+        self.children: dict[int, list[int]] = {}
+        for p in psutil.process_iter(["pid", "ppid", "name", "memory_info"]):
+            info = p.info
+            self.procs[info["pid"]] = info
+            self.children.setdefault(info["ppid"], []).append(info["pid"])
+
+    def describe(self, pid: int) -> dict | None:
+        """``{"name", "rss_mb", "children"}`` of ``pid`` (children counted recursively)."""
+        info = self.procs.get(pid)
+        if info is None:
+            return None
+        count, stack = 0, list(self.children.get(pid, ()))
+        while stack:
+            child = stack.pop()
+            count += 1
+            stack.extend(self.children.get(child, ()))
+        mem = info.get("memory_info")
+        return {"name": info.get("name"), "rss_mb": round(mem.rss / 1048576, 1) if mem else None, "children": count}
 
 
 def expected_commands_ok(fleet: Fleet, slot: str, command: str | None) -> bool:
@@ -99,6 +112,7 @@ def collect_status(
     and left no heartbeat), ``DRIFT`` (pane command is not one the adapter expects).
     """
     host = host or socket.gethostname()
+    table = ProcessTable()
     rows = []
     for name, s in fleet.slots.items():
         pane = panes.get(name)
@@ -128,7 +142,7 @@ def collect_status(
                 command=pane.command if pane else None,
                 exit_status=pane.exit_status if pane else None,
                 idle_s=round(pane.idle_s, 1) if pane and pane.idle_s is not None else None,
-                process=_process_info(pane.pid) if pane and pane.alive and pane.pid else None,
+                process=table.describe(pane.pid) if pane and pane.alive and pane.pid else None,
                 heartbeat=hb,
                 heartbeat_age_s=round(beat.age_s, 2) if beat else None,
                 state="dead" if "DEAD" in flags else (beat.state if beat else "unknown"),
