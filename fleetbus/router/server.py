@@ -78,11 +78,13 @@ def launch_spec(fleet: Fleet, paths: FleetPaths, slot: Slot) -> LaunchSpec:
     return LaunchSpec(slot=slot.name, argv=argv, cwd=slot.workdir, env=env)
 
 
-def make_transport(fleet: Fleet, paths: FleetPaths) -> Transport:
+def make_transport(fleet: Fleet, paths: FleetPaths, long_lived: bool = False) -> Transport:
+    """The roster's transport. ``long_lived`` (the router) keeps a tmux control-mode client."""
     cfg = fleet.roster.transport
     cls = resolve_transport(cfg.kind)
     if cfg.kind == "tmux":
-        return cls(paths.tmux_socket, width=cfg.width, height=cfg.height)
+        return cls(paths.tmux_socket, width=cfg.width, height=cfg.height, control=long_lived,
+                   scratch_dir=paths.run_dir if long_lived else None)
     return cls()
 
 
@@ -99,7 +101,7 @@ class Router:
                  spawn_sidecars: bool = True):
         self.fleet = fleet
         self.paths = paths or fleet_paths(fleet.tenant, fleet.roster.transport.socket)
-        self.transport = transport or make_transport(fleet, self.paths)
+        self.transport = transport or make_transport(fleet, self.paths, long_lived=True)
         self.spawn_sidecars = spawn_sidecars
         self.host = socket.gethostname()
         self.table = LivenessTable()
@@ -195,6 +197,8 @@ class Router:
         if self._teardown:
             procs.stop_sidecars(self.paths, list(self.fleet.slots))
             await self.transport.shutdown()
+        else:
+            await self.transport.aclose()
         for s in (self.sock, self.pub):
             if s is not None:
                 s.close(linger=0)
@@ -431,8 +435,10 @@ class Router:
                               detail=f"the input line of {slot.name!r} already holds text ({typed[:60]!r}); "
                                      "nothing was typed (use --on-busy-input=clear to clear it first)")
             await self.transport.send_keys(slot.name, *adapter.clear_keys)
-            await anyio.sleep(0.05)
-            typed = verify.typed_text(adapter, await self.transport.screen(slot.name))
+            with anyio.move_on_after(2.0):  # wait for the program to redraw its empty input line
+                while typed:
+                    await anyio.sleep(POLL_S)
+                    typed = verify.typed_text(adapter, await self.transport.screen(slot.name))
             if typed is None or typed:
                 return result("rejected", code="busy-input", detail=f"could not clear the input line of {slot.name!r} ({typed[:60]!r})")
 

@@ -131,6 +131,9 @@ class Transport(Protocol):
     async def shutdown(self) -> None:
         """Tear down everything this transport created (tmux: ``kill-server`` on our socket)."""
 
+    async def aclose(self) -> None:
+        """Release this object's resources; slots keep running."""
+
 
 #: kind -> "module:Class" (kombu-style alias table).
 TRANSPORTS: dict[str, str] = {

@@ -96,3 +96,6 @@ class MemoryTransport:
 
     async def shutdown(self) -> None:
         self.panes.clear()
+
+    async def aclose(self) -> None:
+        return None
