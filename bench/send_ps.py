@@ -94,13 +94,24 @@ def teardown(fleet, paths) -> None:
 
 
 def bench_send(home: Path, n_stub: int, n_shell: int, n_cli: int) -> list[str]:
-    path, fleet, paths = write_roster(home, "bench", ["{name: s0, runtime: stub}", "{name: sh0, runtime: shell}"])
+    path, fleet, paths = write_roster(home, "bench", ["{name: s0, runtime: stub}",
+                                                        "{name: s1, runtime: stub, command: [fleet-stub, --think-ms, '0']}",
+                                                        "{name: sh0, runtime: shell}"])
     out = []
     try:
         t0 = time.perf_counter()
         _, rows = ops.up(fleet, paths, timeout_s=30)
-        out.append(f"fleet up (router + 2 sidecars): {time.perf_counter() - t0:.2f} s; "
+        out.append(f"fleet up (router + 3 sidecars): {time.perf_counter() - t0:.2f} s; "
                    + ", ".join(f"{r.slot}={r.pane}/{r.heartbeat}" for r in rows))
+
+        async def run_health(n: int):
+            wall = []
+            async with Client(fleet, paths) as c:
+                for _ in range(n):
+                    t = time.perf_counter()
+                    await c.health()
+                    wall.append((time.perf_counter() - t) * 1000)
+            return wall
 
         async def run_api(slot: str, body: str, n: int, pause: float):
             wall, router_ms, results = [], [], {}
@@ -118,11 +129,14 @@ def bench_send(home: Path, n_stub: int, n_shell: int, n_cli: int) -> list[str]:
                     results[key] = results.get(key, 0) + 1
             return wall, router_ms, results
 
-        out.append("1. API send -> accepted (client wall time around `await c.send(...)`, sequential; the stub's\n"
-                   "   turn lasts 100 ms (--think-ms default): 'back-to-back' sends while it may still run,\n"
-                   "   'paced' sleeps 0.15 s untimed before each send so the previous turn is over):")
+        out.append("1. API send -> accepted (client wall time around `await c.send(...)`, sequential):\n"
+                   "   s1 is a stub whose turns take 0 ms (back-to-back sends); s0 is a default stub (100 ms\n"
+                   "   turns), paced 0.15 s untimed between sends so each finds it idle. Baseline: a HEALTH\n"
+                   "   request round trip to the same router (bus only, no tmux, no agent).")
+        health = anyio.run(run_health, max(n_stub, 100), backend="asyncio")
+        out.append(line("baseline HEALTH round trip", health))
         for label, slot, body, n, want, pause in (
-                ("s0 stub back-to-back", "s0", "bench message {i}", n_stub, "runtime-ack", 0.0),
+                ("s1 stub back-to-back", "s1", "bench message {i}", n_stub, "runtime-ack", 0.0),
                 ("s0 stub paced", "s0", "bench message {i}", n_stub, "runtime-ack", 0.15),
                 ("sh0 shell `true` back-to-back", "sh0", "true", n_shell, "pane-diff", 0.0)):
             wall, router_ms, results = anyio.run(run_api, slot, body, n, pause, backend="asyncio")
@@ -130,6 +144,7 @@ def bench_send(home: Path, n_stub: int, n_shell: int, n_cli: int) -> list[str]:
             out.append(line(f"{label} ({want})", wall, 10 if ok == n else None,
                             f"  accepted {ok}/{n}" + ("" if ok == n else f"  (target not judged) outcomes {results}")))
             out.append(line(f"  router-side r.latency_ms", router_ms))
+            out.append(f"  ratio p50 send/HEALTH = {pct(wall)[0] / pct(health)[0]:.1f}x")
 
         out.append("2. CLI send -> accepted (subprocess wall time; `fleet send s0 --verify --json`):")
         base_py, _ = timed_run([PY, "-c", "pass"], n_cli)
@@ -155,19 +170,22 @@ def bench_ps(home: Path, n_slots: int, n_inproc: int, n_cli: int) -> tuple[list[
     try:
         async def run_inproc():
             router = Router(fleet, paths, spawn_sidecars=False)
-            t0 = time.perf_counter()
-            await router.transport.ensure_server()
-            await router.start_fleet()
-            started = time.perf_counter() - t0
-            before = router.transport.calls
-            rows = await router.handle_ps()
-            per_call = router.transport.calls - before
-            times = []
-            for _ in range(n_inproc):
-                t = time.perf_counter()
-                await router.handle_ps()
-                times.append((time.perf_counter() - t) * 1000)
-            return started, rows, per_call, times
+            try:
+                t0 = time.perf_counter()
+                await router.transport.ensure_server()
+                await router.start_fleet()
+                started = time.perf_counter() - t0
+                before = router.transport.calls
+                rows = await router.handle_ps()
+                per_call = router.transport.calls - before
+                times = []
+                for _ in range(n_inproc):
+                    t = time.perf_counter()
+                    await router.handle_ps()
+                    times.append((time.perf_counter() - t) * 1000)
+                return started, rows, per_call, times
+            finally:
+                await router.transport.aclose()  # its tmux control client belongs to this event loop
 
         started, rows, per_call, times = anyio.run(run_inproc, backend="asyncio")
         alive = sum(r["pane"] == "alive" for r in rows)

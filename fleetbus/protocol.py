@@ -19,10 +19,10 @@ This module depends on nothing else in fleetbus.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PROTOCOL_VERSION = 1
 #: Largest frame :func:`decode` accepts (bytes); a 64 KiB body plus envelope fits easily.
@@ -38,7 +38,8 @@ class ProtocolError(ValueError):
 
 
 class _Env(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # schemas are built on first use, so a short-lived CLI builds only the models it touches
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
     v: int = PROTOCOL_VERSION
 
 
@@ -266,15 +267,14 @@ class Event(_Env):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
-Envelope = Annotated[
-    Union[
-        Hello, Ping, Ack, Bye, Welcome, Pong, Expect, Disconnect,
-        SendRequest, PsRequest, SlotRequest, HealthRequest, ShutdownRequest, Result,
-        HookEvent, Event,
-    ],
-    Field(discriminator="kind"),
-]
-_ENVELOPE: TypeAdapter[Any] = TypeAdapter(Envelope)
+ENVELOPES: tuple[type[_Env], ...] = (
+    Hello, Ping, Ack, Bye, Welcome, Pong, Expect, Disconnect,
+    SendRequest, PsRequest, SlotRequest, HealthRequest, ShutdownRequest, Result,
+    HookEvent, Event,
+)
+Envelope = Annotated[Union[ENVELOPES], Field(discriminator="kind")]
+#: kind -> model: the discriminated union, dispatched by hand so models build lazily
+_BY_KIND: dict[str, type[_Env]] = {k: m for m in ENVELOPES for k in get_args(m.model_fields["kind"].annotation)}
 
 
 def encode(msg: BaseModel) -> bytes:
@@ -298,8 +298,12 @@ def decode(frame: bytes) -> Any:
         raise ProtocolError(f"expected a map, got {type(data).__name__}")
     if type(data.get("v")) is not int or data["v"] != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {data.get('v')!r}")
+    kind = data.get("kind")
+    model = _BY_KIND.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise ProtocolError(f"unknown kind {data.get('kind')!r}")
     try:
-        return _ENVELOPE.validate_python(data)
+        return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         raise ProtocolError(f"invalid {data.get('kind')!r} frame: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
