@@ -133,8 +133,8 @@ def cmd_router(args: argparse.Namespace) -> int:
 
     try:
         anyio.run(main, backend="asyncio")
-    except RouterAlreadyRunning as e:
-        raise CliError(str(e), EXIT_FAIL) from None
+    except* RouterAlreadyRunning as group:
+        raise CliError(str(group.exceptions[0]), EXIT_FAIL) from None
     return EXIT_OK
 
 

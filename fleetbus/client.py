@@ -23,7 +23,6 @@ import zmq.asyncio
 from fleetbus import protocol as P
 from fleetbus.config import Fleet
 from fleetbus.paths import FleetPaths, fleet_paths
-from fleetbus.router.procs import router_pid
 
 T = TypeVar("T")
 
@@ -59,7 +58,7 @@ class Client:
         self._futures: dict[str, tuple[anyio.Event, list[P.Result]]] = {}
 
     async def __aenter__(self) -> Client:
-        if router_pid(self.paths) is None:
+        if not self.paths.router_running():
             raise RouterUnavailable(f"the router of tenant {self.fleet.tenant!r} is not running (start it with `fleet up`)")
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)

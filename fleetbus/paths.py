@@ -98,6 +98,23 @@ class FleetPaths:
             )
 
 
+    def router_running(self) -> bool:
+        """True while a router holds this tenant's lock file (``flock``; the kernel releases it
+        when the router dies, even on SIGKILL). Cheap: no process-table read."""
+        import fcntl
+
+        try:
+            fd = os.open(self.router_lock, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def remove_run_dir(self) -> None:
         """Remove the runtime dir's sockets and lock (after ``fleet down``); ignores leftovers."""
         import shutil

@@ -235,6 +235,10 @@ def test_ps_json_and_router_down(make_fleet):
     # tail and a plain-text table
     assert "stub>" in fe.cli("tail", "a", "-n", "5").stdout
     assert "SLOT" in fe.cli("ps").stdout
+    # a second router for the same tenant is refused (the first keeps its lock and endpoint)
+    p = fe.cli("router", timeout=20)
+    assert p.returncode == 1 and "already running" in p.stderr
+    assert fe.ps()["a"].source == "router"
     # start on a running slot is refused clearly
     p = fe.cli("start", "a")
     assert p.returncode == 3 and "already running" in p.stderr

@@ -121,12 +121,20 @@ class Router:
 
     def _acquire_lock(self) -> None:
         fd = os.open(self.paths.router_lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            pid = procs.router_pid(self.paths)
-            raise RouterAlreadyRunning(f"a router for tenant {self.fleet.tenant!r} is already running (pid {pid})") from None
+        # clients probe the lock with a shared flock for microseconds (FleetPaths.router_running):
+        # retry briefly so a probe never makes a starting router give up
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    pid = procs.router_pid(self.paths)
+                    raise RouterAlreadyRunning(
+                        f"a router for tenant {self.fleet.tenant!r} is already running (pid {pid})") from None
+                time.sleep(0.01)
         self._lockfd = fd
 
     def _bind(self) -> None:
