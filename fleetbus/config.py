@@ -14,8 +14,6 @@ Errors name the file, the path inside it and what was expected, for example
 ``fleet.yaml: agents[1].name: slot names match [a-z0-9][a-z0-9._-]* (got 'Bad')``.
 """
 
-from __future__ import annotations
-
 import getpass
 import os
 import re
@@ -153,7 +151,7 @@ class Roster(_Model):
     agents: list[AgentConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> Roster:
+    def _unique_names(self) -> "Roster":
         seen: dict[str, int] = {}
         for i, a in enumerate(self.agents):
             if a.name in seen:
@@ -289,7 +287,8 @@ def load_roster(path: str | Path) -> Fleet:
     except UnicodeDecodeError:
         raise RosterError(p, ["roster is not UTF-8 text"]) from None
     try:
-        data = yaml.safe_load(text)
+        # libyaml's C loader when PyYAML was built with it (its wheels are): ~10x faster
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -16,8 +16,6 @@ Router PUB socket: ``EVENT`` frames ``[topic][msgpack map]``.
 This module depends on nothing else in fleetbus.
 """
 
-from __future__ import annotations
-
 import time
 from typing import Annotated, Any, Literal, Union, get_args
 

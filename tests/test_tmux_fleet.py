@@ -313,3 +313,36 @@ agents:
     assert (second.result, second.evidence) == ("accepted", "runtime-ack"), second
     assert second.latency_ms > 300, "acked when the stub took it after the first turn, not when typed"
     wait_for(lambda: "reply #2" in screen_text(fe, "slow"), what="second reply")
+
+
+def test_events_on_pub_socket(make_fleet):
+    import time
+
+    import zmq
+
+    from fleetbus import protocol as P
+
+    fe = make_fleet(BASIC)
+    fe.up()
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"message")
+    sub.connect(fe.paths.events_endpoint)
+    try:
+        time.sleep(0.3)  # PUB/SUB slow joiner: let the subscription reach the router
+        r = send(fe, "a", "watched message", verify=True)
+        seen = []
+        while sub.poll(2000):
+            topic, raw = sub.recv_multipart()
+            ev = P.decode(raw)
+            assert isinstance(ev, P.Event) and topic == b"message"
+            assert ev.tenant_id == "t1" and ev.host
+            if ev.data.get("id") == r.id:
+                seen.append(ev.data["result"])
+            if "accepted" in seen:
+                break
+        assert seen == ["injected", "accepted"], seen
+    finally:
+        sub.close()
+        ctx.term()
