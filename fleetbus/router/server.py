@@ -35,8 +35,8 @@ from fleetbus.transports.base import LaunchSpec, SlotNotFound, Transport, Transp
 
 log = logging.getLogger("fleetbus.router")
 
-#: Pane polling interval of the pane-diff fallback (s).
-POLL_S = 0.02
+#: Pane polling interval of the pane-diff fallback (s); a poll is two control-mode commands (~0.2 ms).
+POLL_S = 0.005
 #: Scrollback rows captured when looking for a submitted marker.
 HISTORY_ROWS = 300
 
@@ -162,14 +162,20 @@ class Router:
         """
         await self.transport.ensure_server()
         panes = await self.transport.probe_all()
-        for name, slot in self.fleet.slots.items():
-            if name not in panes:
-                try:
-                    await self.transport.start_slot(launch_spec(self.fleet, self.paths, slot))
-                    self.publish("slot", name, event="started")
-                except TransportError as e:
-                    log.error("cannot start slot %s: %s", name, e)
+        for name in self.fleet.slots:
             self.ensure_sidecar(name)
+        missing = [s for name, s in self.fleet.slots.items() if name not in panes]
+        if self.spawn_sidecars:
+            # sidecars first, so a runtime's first hook event (session-start) finds its socket
+            with anyio.move_on_after(5.0):
+                while not all(self.paths.hook_socket(s.name).exists() for s in missing):
+                    await anyio.sleep(0.02)
+        for slot in missing:
+            try:
+                await self.transport.start_slot(launch_spec(self.fleet, self.paths, slot))
+                self.publish("slot", slot.name, event="started")
+            except TransportError as e:
+                log.error("cannot start slot %s: %s", slot.name, e)
 
     def ensure_sidecar(self, slot: str) -> None:
         if self.spawn_sidecars and procs.sidecar_pid(self.paths, slot) is None:
