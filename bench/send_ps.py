@@ -143,7 +143,7 @@ def bench_send(home: Path, n_stub: int, n_shell: int, n_cli: int) -> list[str]:
             ok = results.get(f"accepted/{want}", 0)
             out.append(line(f"{label} ({want})", wall, 10 if ok == n else None,
                             f"  accepted {ok}/{n}" + ("" if ok == n else f"  (target not judged) outcomes {results}")))
-            out.append(line(f"  router-side r.latency_ms", router_ms))
+            out.append(line("  router-side r.latency_ms", router_ms))
             out.append(f"  ratio p50 send/HEALTH = {pct(wall)[0] / pct(health)[0]:.1f}x")
 
         out.append("2. CLI send -> accepted (subprocess wall time; `fleet send s0 --verify --json`):")
@@ -191,10 +191,10 @@ def bench_ps(home: Path, n_slots: int, n_inproc: int, n_cli: int) -> tuple[list[
         alive = sum(r["pane"] == "alive" for r in rows)
         out.append(f"  N={n_slots}: started {n_slots} shell slots in {started:.2f} s ({alive} alive), no sidecars")
         tgt = 500 if n_slots == 200 else None
-        out.append(line(f"in-process router.handle_ps()", times, tgt, f"  tmux calls/ps = {per_call}"))
+        out.append(line("in-process router.handle_ps()", times, tgt, f"  tmux calls/ps = {per_call}"))
         cli, procs = timed_run([FLEET, "--roster", str(path), "ps", "--json"], n_cli)
         n_rows = len(json.loads(procs[-1].stdout))
-        out.append(line(f"CLI `fleet ps --json` (no router)", cli, tgt, f"  rows = {n_rows}"))
+        out.append(line("CLI `fleet ps --json` (no router)", cli, tgt, f"  rows = {n_rows}"))
     finally:
         teardown(fleet, paths)
     return out, per_call

@@ -11,24 +11,22 @@ import sys
 import anyio
 import psutil
 import pytest
-
 from conftest import needs_tmux, wait_for
+
 from fleetbus.client import Client
 from fleetbus.router import procs
 
 pytestmark = [needs_tmux, pytest.mark.tmux]
 
-BASIC = """\
-version: 1
-tenant: t1
-transport: {kind: tmux, socket: it}
-bus: {heartbeat_ms: 200, liveness: 3, verify_timeout_s: 8}
-agents:
-  - {name: a, runtime: stub, class: reviewer}
-  - {name: a0, runtime: stub, class: reviewer}
-  - {name: sh0, runtime: shell}
-  - {name: py0, runtime: python}
-"""
+
+def roster(tenant: str, *agents: str, bus: str = "") -> str:
+    """A test roster on socket ``it`` (private per test); each agent is a YAML flow mapping."""
+    head = ["version: 1", f"tenant: {tenant}", "transport: {kind: tmux, socket: it}"] + ([f"bus: {bus}"] if bus else [])
+    return "\n".join(head + ["agents:"] + [f"  - {a}" for a in agents]) + "\n"
+
+BASIC = roster("t1", "{name: a, runtime: stub, class: reviewer}", "{name: a0, runtime: stub, class: reviewer}",
+               "{name: sh0, runtime: shell}", "{name: py0, runtime: python}",
+               bus="{heartbeat_ms: 200, liveness: 3, verify_timeout_s: 8}")
 
 
 def send(fe, slot, body, **kw):
@@ -74,13 +72,7 @@ def test_send_verify_every_runtime(make_fleet):
 
 
 def test_draft_when_program_never_submits(make_fleet):
-    fe = make_fleet("""\
-version: 1
-tenant: t2
-transport: {kind: tmux, socket: it}
-agents:
-  - {name: stuck, runtime: stub, command: [python3, -m, fleetbus.agents.stub, --ignore-enter]}
-""")
+    fe = make_fleet(roster("t2", "{name: stuck, runtime: stub, command: [python3, -m, fleetbus.agents.stub, --ignore-enter]}"))
     fe.up()
     p = fe.cli("send", "stuck", "-m", "please run", "--verify", "--timeout", "1.5", "--json")
     assert p.returncode == 1, p.stdout + p.stderr
@@ -153,16 +145,8 @@ def test_dead_stale_and_router_restart(make_fleet):
 
 
 def test_similar_names_never_cross(make_fleet):
-    fe = make_fleet("""\
-version: 1
-tenant: t4
-transport: {kind: tmux, socket: it}
-agents:
-  - {name: a, runtime: stub}
-  - {name: a0, runtime: stub}
-  - {name: b.c, runtime: stub}
-  - {name: b_c, runtime: stub}
-""")
+    fe = make_fleet(roster("t4", "{name: a, runtime: stub}", "{name: a0, runtime: stub}",
+                            "{name: b.c, runtime: stub}", "{name: b_c, runtime: stub}"))
     fe.up()
     ids = {}
     for slot in ("a", "a0", "b.c", "b_c"):
@@ -245,14 +229,7 @@ def test_ps_json_and_router_down(make_fleet):
 
 
 def test_drift_and_reset(make_fleet):
-    fe = make_fleet("""\
-version: 1
-tenant: t3
-transport: {kind: tmux, socket: it}
-agents:
-  - {name: s, runtime: stub}
-  - {name: fake, runtime: stub, command: [sleep, "300"]}
-""")
+    fe = make_fleet(roster("t3", "{name: s, runtime: stub}", '{name: fake, runtime: stub, command: [sleep, "300"]}'))
     fe.up()
     rows = fe.ps()
     assert rows["fake"].flags == [], "a command override is what the slot should run"
@@ -291,14 +268,8 @@ def test_watch_is_read_only_and_removed_on_detach(make_fleet):
 
 
 def test_not_at_prompt_refused_and_busy_stub_queues(make_fleet):
-    fe = make_fleet("""\
-version: 1
-tenant: t5
-transport: {kind: tmux, socket: it}
-agents:
-  - {name: sh0, runtime: shell}
-  - {name: slow, runtime: stub, command: [fleet-stub, --think-ms, "1500"]}
-""")
+    fe = make_fleet(roster("t5", "{name: sh0, runtime: shell}",
+                            '{name: slow, runtime: stub, command: [fleet-stub, --think-ms, "1500"]}'))
     fe.up()
     # a program is running in the shell: its input line has no prompt, nothing is typed
     assert send(fe, "sh0", "sleep 3", verify=True).result == "accepted"

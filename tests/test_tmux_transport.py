@@ -8,8 +8,8 @@ import tempfile
 
 import anyio
 import pytest
-
 from conftest import needs_tmux, wait_for
+
 from fleetbus.adapters.base import SubmitProfile
 from fleetbus.transports.base import LaunchSpec, SlotNotFound
 from fleetbus.transports.tmux import TmuxTransport

@@ -173,7 +173,7 @@ def test_input_region_looks_at_most_max_rows_up():
     w = 8
     lines = ["stub> st"] + ["x" * w for _ in range(n)]  # every row full: one long wrapped input
     s = Screen(lines=lines, cursor_y=len(lines) - 1, height=len(lines), width=w)
-    start, _, at_prompt = input_region(STUB, s)
+    _, _, at_prompt = input_region(STUB, s)
     assert not at_prompt  # prompt row is more than MAX_INPUT_ROWS rows up: out of reach
     lines = ["stub> st"] + ["x" * w for _ in range(n - 1)]
     s = Screen(lines=lines, cursor_y=len(lines) - 1, height=len(lines), width=w)
