@@ -17,7 +17,7 @@ This module depends on nothing else in fleetbus.
 """
 
 import time
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -270,7 +270,7 @@ ENVELOPES: tuple[type[_Env], ...] = (
     SendRequest, PsRequest, SlotRequest, HealthRequest, ShutdownRequest, Result,
     HookEvent, Event,
 )
-Envelope = Annotated[ENVELOPES, Field(discriminator="kind")]
+Envelope = Annotated[Union[ENVELOPES], Field(discriminator="kind")]  # noqa: UP007 (a tuple of types)
 #: kind -> model: the discriminated union, dispatched by hand so models build lazily
 _BY_KIND: dict[str, type[_Env]] = {k: m for m in ENVELOPES for k in get_args(m.model_fields["kind"].annotation)}
 
