@@ -317,3 +317,46 @@ def test_events_on_pub_socket(make_fleet):
     finally:
         sub.close()
         ctx.term()
+
+
+def test_hook_cli_reaches_the_sidecar_and_never_fails(make_fleet):
+    fe = make_fleet(BASIC)
+    fe.up()
+    env = {**fe.env, "FLEETBUS_HOOK_SOCKET": str(fe.paths.hook_socket("sh0")), "FLEETBUS_SLOT": "sh0"}
+
+    def hook(*args: str, payload: str = "") -> int:
+        return subprocess.run([sys.executable, "-m", "fleetbus", "hook", *args], input=payload, env=env,
+                              capture_output=True, text=True, timeout=30).returncode
+
+    assert hook("turn-start") == 0
+    wait_for(lambda: fe.ps()["sh0"].state == "busy", timeout=5, what="busy from a hook")
+    payload = json.dumps({"session_id": "s-1", "prompt": "[fleet#0123456789ab ops -> sh0] hi"})
+    assert hook("prompt-submit", payload=payload) == 0
+    assert hook("turn-end") == 0
+    wait_for(lambda: fe.ps()["sh0"].state == "idle", timeout=5, what="idle from a hook")
+    # sidecar gone or socket missing: the hook still exits 0 at once (never blocks a runtime)
+    env["FLEETBUS_HOOK_SOCKET"] = str(fe.home / "nobody.sock")
+    assert hook("prompt-submit", payload="{not json") == 0
+
+
+def test_stop_start_and_attach(make_fleet):
+    fe = make_fleet(BASIC)
+    fe.up()
+    assert fe.cli("stop", "a0").returncode == 0
+    row = fe.ps()["a0"]
+    assert row.pane == "absent" and "DEAD" in row.flags and "NO-SIDECAR" in row.flags
+    p = fe.cli("send", "a0", "-m", "hi", "--json")
+    assert p.returncode == 3 and json.loads(p.stdout)["code"] == "slot-down"
+    assert fe.cli("start", "a0").returncode == 0
+    wait_for(lambda: not fe.ps()["a0"].flags, timeout=10, what="a0 healthy after start")
+    # attach is the explicit takeover: keys typed in the attached client reach the agent
+    viewer = ["tmux", "-L", "viewer", "-f", "/dev/null"]
+    cmd = f"{sys.executable} -m fleetbus --roster {fe.roster} attach a0"
+    subprocess.run([*viewer, "new-session", "-d", "-x", "100", "-y", "30", "-s", "v", cmd], check=True, env=fe.env)
+    try:
+        wait_for(lambda: "a0 1" in fe.tmux_cmd("list-sessions", "-F", "#{session_name} #{session_attached}"),
+                 what="attached")
+        subprocess.run([*viewer, "send-keys", "-t", "=v:0.0", "-l", "typed by the operator"], env=fe.env)
+        wait_for(lambda: "typed by the operator" in screen_text(fe, "a0"), what="operator keys reach the agent")
+    finally:
+        subprocess.run([*viewer, "kill-server"], env=fe.env)
