@@ -360,3 +360,17 @@ def test_stop_start_and_attach(make_fleet):
         wait_for(lambda: "typed by the operator" in screen_text(fe, "a0"), what="operator keys reach the agent")
     finally:
         subprocess.run([*viewer, "kill-server"], env=fe.env)
+
+
+def test_duplicate_sidecar_hands_over(make_fleet):
+    fe = make_fleet(BASIC)
+    fe.up()
+    old = procs.sidecar_pid(fe.paths, "a")
+    new = procs.spawn_sidecar(fe.fleet, fe.paths, "a")
+    wait_for(lambda: procs.sidecar_pid(fe.paths, "a") == new, timeout=10, what="new sidecar owns the slot")
+    wait_for(lambda: not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE,
+             timeout=10, what="old sidecar exits")
+    wait_for(lambda: fe.ps()["a"].sidecar_pid == new and fe.ps()["a"].heartbeat == "healthy", timeout=10,
+             what="new sidecar registered")
+    r = send(fe, "a", "after handover", verify=True)
+    assert (r.result, r.evidence) == ("accepted", "runtime-ack"), r

@@ -58,7 +58,7 @@ class Sidecar:
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
         self.welcomed = False
-        self._wake = anyio.Event()
+        self._exit = anyio.Event()
 
     # -- socket --------------------------------------------------------------------------------
 
@@ -94,6 +94,14 @@ class Sidecar:
             if not self._send(self.pending_acks[0]):
                 return
             self.pending_acks.pop(0)
+
+    def owns_pidfile(self) -> bool:
+        """True while this slot's pid file names this process (an orphaned or duplicate sidecar
+        finds it gone or naming another pid, and exits)."""
+        try:
+            return self.paths.sidecar_pidfile(self.slot.name).read_text().split()[0] == str(os.getpid())
+        except (OSError, IndexError):
+            return False
 
     def write_heartbeat(self) -> None:
         path = self.paths.heartbeat_file(self.slot.name)
@@ -150,6 +158,11 @@ class Sidecar:
                             self._ping()
                         else:
                             self._hello()
+                        if not self.owns_pidfile():
+                            log.warning("pid file %s is gone or names another sidecar: exiting",
+                                        self.paths.sidecar_pidfile(self.slot.name))
+                            self._exit.set()
+                            return
                         self.write_heartbeat()
                         next_beat = now + self.heartbeat_ms / 1000
                     silent = now - self.last_recv
@@ -210,28 +223,30 @@ class Sidecar:
                     self.on_hook(ev)
 
     async def run(self) -> None:
-        """Run until SIGTERM/SIGINT."""
+        """Run until SIGTERM/SIGINT, or until the slot's pid file stops naming this process."""
         self.paths.ensure()
         write_pidfile(self.paths.sidecar_pidfile(self.slot.name))
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.bus_loop)
                 tg.start_soon(self.hook_loop)
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for _ in signals:
-                        self._send(P.Bye())
-                        tg.cancel_scope.cancel()
-                        break
+
+                async def on_signal() -> None:
+                    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for _ in signals:
+                            self._send(P.Bye())
+                            self._exit.set()
+                            return
+
+                tg.start_soon(on_signal)
+                await self._exit.wait()
+                tg.cancel_scope.cancel()
         finally:
             if self.sock is not None:
                 self.sock.close(linger=0)
             self.ctx.term()
-            self.paths.hook_socket(self.slot.name).unlink(missing_ok=True)
-            # a sidecar that was stopped leaves no heartbeat; one that was killed leaves a stale one
-            self.paths.heartbeat_file(self.slot.name).unlink(missing_ok=True)
-            pidfile = self.paths.sidecar_pidfile(self.slot.name)
-            try:
-                if pidfile.read_text().strip() == str(os.getpid()):
-                    pidfile.unlink()
-            except OSError:
-                pass
+            if self.owns_pidfile():  # a newer sidecar of this slot owns the shared paths otherwise
+                self.paths.hook_socket(self.slot.name).unlink(missing_ok=True)
+                # a sidecar that was stopped leaves no heartbeat; one that was killed leaves a stale one
+                self.paths.heartbeat_file(self.slot.name).unlink(missing_ok=True)
+                self.paths.sidecar_pidfile(self.slot.name).unlink(missing_ok=True)
