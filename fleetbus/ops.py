@@ -117,7 +117,7 @@ def render_ps(rows: list[SlotStatus]) -> str:
 
     table = []
     for r in rows:
-        pane = r.pane if r.pane != "dead" else f"dead({r.exit_status})"
+        pane = f"dead({r.exit_status})" if r.pane == "dead" and r.exit_status is not None else r.pane
         table.append([r.slot, r.runtime, r.class_ or "-", pane, r.pid or "-", r.command or "-", fmt_s(r.idle_s),
                       f"{r.heartbeat} {fmt_s(r.heartbeat_age_s)}" if r.heartbeat != "none" else "none",
                       r.state, ",".join(r.flags) or "ok"])

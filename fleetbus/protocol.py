@@ -201,7 +201,9 @@ class SlotStatus(BaseModel):
     """One row of ``fleet ps``.
 
     Attributes:
-        pane: ``alive``, ``dead`` (program exited; ``exit_status`` set) or ``absent``.
+        pane: ``alive``, ``dead`` (program exited) or ``absent``.
+        exit_status: exit status of a dead pane; None when a signal killed it (tmux 3.3a reports
+            neither status nor signal then: ``pane_dead_status`` and ``pane_dead_signal`` are empty).
         idle_s: seconds since the slot's window last printed (tmux ``window_activity``).
         heartbeat: ``healthy``, ``stale`` or ``none`` (never heard from a sidecar).
         heartbeat_age_s: seconds since the sidecar was last heard from.

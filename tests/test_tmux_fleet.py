@@ -111,6 +111,8 @@ def test_dead_stale_and_router_restart(make_fleet):
     assert fe.ps()["py0"].pane == "dead"
     p = fe.cli("send", "py0", "-m", "print(1)", "--verify", "--json")
     assert p.returncode == 3 and json.loads(p.stdout)["code"] == "slot-dead"
+    tail = fe.cli("tail", "py0", "-n", "100").stdout
+    assert ">>>" in tail and "Pane is dead (signal 9" in tail, "a dead pane keeps its last screen (remain-on-exit)"
 
     # kill a sidecar: STALE
     sc = procs.sidecar_pid(fe.paths, "sh0")
@@ -229,10 +231,13 @@ def test_ps_json_and_router_down(make_fleet):
 
 
 def test_drift_and_reset(make_fleet):
-    fe = make_fleet(roster("t3", "{name: s, runtime: stub}", '{name: fake, runtime: stub, command: [sleep, "300"]}'))
+    fe = make_fleet(roster("t3", "{name: s, runtime: stub}", '{name: fake, runtime: stub, command: [sleep, "300"]}',
+                            '{name: quits, runtime: shell, command: [sh, -c, "exit 3"]}'))
     fe.up()
     rows = fe.ps()
     assert rows["fake"].flags == [], "a command override is what the slot should run"
+    assert (rows["quits"].pane, rows["quits"].exit_status) == ("dead", 3)
+    assert "dead(3)" in fe.cli("ps").stdout
     # the stub's pane now runs something else: DRIFT
     fe.tmux_cmd("respawn-pane", "-k", "-t", "=s:0.0", "sleep", "300")
     wait_for(lambda: "DRIFT" in fe.ps()["s"].flags, timeout=5, what="DRIFT")
@@ -374,3 +379,39 @@ def test_duplicate_sidecar_hands_over(make_fleet):
              what="new sidecar registered")
     r = send(fe, "a", "after handover", verify=True)
     assert (r.result, r.evidence) == ("accepted", "runtime-ack"), r
+
+
+def test_ps_tmux_calls_do_not_grow_with_slots(make_fleet):
+    from fleetbus.router.server import Router
+
+    calls = {}
+    for n in (2, 12):
+        fe = make_fleet(roster(f"n{n}", *[f"{{name: s{i}, runtime: shell}}" for i in range(n)]), name=f"n{n}")
+
+        async def main():
+            router = Router(fe.fleet, fe.paths, spawn_sidecars=False)
+            try:
+                await router.start_fleet()
+                before = router.transport.calls
+                rows = await router.handle_ps()
+                return router.transport.calls - before, rows
+            finally:
+                await router.transport.aclose()
+
+        calls[n], rows = anyio.run(main, backend="asyncio")
+        assert len(rows) == n and all(r["pane"] == "alive" for r in rows)
+    assert calls[2] == calls[12] == 1
+
+
+def test_demo_runs_the_main_job(make_fleet, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "FLEETBUS_HOME"}
+    p = subprocess.run([sys.executable, "-m", "fleetbus", "demo", "--json"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    assert [(r["slot"], r["result"], r["evidence"]) for r in out["results"]] == [
+        ("stub0", "accepted", "runtime-ack"), ("stub1", "accepted", "runtime-ack"),
+        ("sh0", "accepted", "pane-diff"), ("py0", "accepted", "pane-diff")]
+    assert all(r["tenant_id"] == "demo" and r["host"] for r in out["ps"])
+    sockets = os.listdir(os.path.join(os.environ["TMUX_TMPDIR"], f"tmux-{os.getuid()}"))
+    assert not [s for s in sockets if s.startswith("demo-")], "the demo tears its tmux server down"
