@@ -76,6 +76,10 @@ class FleetPaths:
     def sidecar_pidfile(self, slot: str) -> Path:
         return self.state_dir / "run" / f"{slot}.sidecar.pid"
 
+    def slot_dir(self, slot: str) -> Path:
+        """Per-slot folder for files fleetbus generates (e.g. a runtime's hook settings)."""
+        return self.state_dir / "slots" / slot
+
     def sidecar_log(self, slot: str) -> Path:
         return self.state_dir / "logs" / f"sidecar-{slot}.log"
 

@@ -322,11 +322,11 @@ def test_duplicate_slot_names_name_both_indexes(tmp_path):
 
 
 def test_unknown_agent_runtime_lists_known(tmp_path):
-    p, err = roster_error(tmp_path, "version: 1\nagents:\n  - {name: a}\n  - {name: b, runtime: claude}\n")
+    p, err = roster_error(tmp_path, "version: 1\nagents:\n  - {name: a}\n  - {name: b, runtime: emacs}\n")
     s = str(err)
     assert s.startswith(f"{p}: agents[1].runtime: ")
-    assert "'claude'" in s
-    for known in ("python", "shell", "stub"):
+    assert "'emacs'" in s
+    for known in ("claude", "python", "shell", "stub"):
         assert known in s
 
 

@@ -343,13 +343,13 @@ def test_base_adapter_without_patterns_expects_nothing():
 
 
 def test_registry_names_sorted():
-    assert names() == ["python", "shell", "stub"]
+    assert names() == ["claude", "python", "shell", "stub"]
 
 
 def test_get_adapter_unknown_lists_known():
     with pytest.raises(KeyError) as ei:
-        get_adapter("claude")
-    assert "'claude'" in str(ei.value) and "python, shell, stub" in str(ei.value)
+        get_adapter("emacs")
+    assert "'emacs'" in str(ei.value) and "claude, python, shell, stub" in str(ei.value)
 
 
 def test_adapter_properties():

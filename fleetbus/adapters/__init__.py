@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from fleetbus.adapters.base import Adapter, SubmitProfile, find_markers, marker
+from fleetbus.adapters.base import Adapter, HookSetup, SubmitProfile, find_markers, marker
+from fleetbus.adapters.claude import CLAUDE
 from fleetbus.adapters.python import PYTHON
 from fleetbus.adapters.shell import SHELL
 from fleetbus.adapters.stub import STUB
 
-ADAPTERS: dict[str, Adapter] = {a.name: a for a in (STUB, SHELL, PYTHON)}
+ADAPTERS: dict[str, Adapter] = {a.name: a for a in (STUB, SHELL, PYTHON, CLAUDE)}
 
-__all__ = ["ADAPTERS", "Adapter", "SubmitProfile", "find_markers", "get_adapter", "marker", "names"]
+__all__ = ["ADAPTERS", "Adapter", "HookSetup", "SubmitProfile", "find_markers", "get_adapter", "marker", "names"]
 
 
 def names() -> list[str]:

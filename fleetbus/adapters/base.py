@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,6 +42,23 @@ class SubmitProfile:
 
 
 @dataclass(frozen=True)
+class HookSetup:
+    """How a slot's runtime is wired to ``fleet hook``, per process and non-destructively.
+
+    Attributes:
+        args: extra launch arguments (e.g. ``--settings <file>``).
+        env: extra environment for the runtime.
+        files: file name -> content, written by the router into the slot's own folder under the
+            fleet's state dir (never into the user's runtime config); ``{slot_dir}`` in args is
+            replaced by that folder.
+    """
+
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Description of one runtime.
 
@@ -62,6 +80,10 @@ class Adapter:
             ``comment`` appends ``  # [fleet#id from -> slot]`` to the last line, so a shell or
             REPL runs the body unchanged.
         env: extra environment for the runtime process.
+        placeholders: hint texts a TUI draws in its empty input line (not typed text).
+        hook_setup: given the ``fleet hook`` command prefix (a shell-quoted string), returns the
+            :class:`HookSetup` that wires this runtime's hooks to the slot's sidecar; None for
+            runtimes without hooks, or whose hook is built in (the stub).
     """
 
     name: str
@@ -75,6 +97,8 @@ class Adapter:
     interrupt_key: str = "C-c"
     marker_style: Literal["prefix", "comment"] = "prefix"
     env: dict[str, str] = field(default_factory=dict)
+    placeholders: tuple[str, ...] = ()
+    hook_setup: Callable[[str], HookSetup] | None = None
 
     def frame(self, body: str, msg_id: str, sender: str, slot: str) -> str:
         """Return the text typed into the slot for ``body``, carrying the message marker.
@@ -97,8 +121,10 @@ class Adapter:
         first, with :func:`fleetbus.router.verify.typed_text`, whether the pane is at its prompt).
         """
         m = self.prompt.match(input_line)
-        rest = input_line[m.end():] if m else input_line
-        return rest.strip()
+        rest = (input_line[m.end():] if m else input_line).strip()
+        if any(rest.startswith(p) for p in self.placeholders):
+            return ""
+        return rest
 
     def is_expected_command(self, command: str | None) -> bool:
         """True when ``command`` (tmux ``pane_current_command``) is this runtime, not drift."""

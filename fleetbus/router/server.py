@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import sys
@@ -37,6 +38,8 @@ log = logging.getLogger("fleetbus.router")
 
 #: Pane polling interval of the pane-diff fallback (s); a poll is two control-mode commands (~0.2 ms).
 POLL_S = 0.005
+#: Seconds after typing at which a hook runtime's input line is checked once for a lost submit key.
+DRAFT_CHECK_S = 1.0
 #: Scrollback rows captured when looking for a submitted marker.
 HISTORY_ROWS = 300
 
@@ -61,9 +64,22 @@ def launch_spec(fleet: Fleet, paths: FleetPaths, slot: Slot) -> LaunchSpec:
     if not exe or not os.access(exe, os.X_OK):
         raise TransportError(f"slot {slot.name!r}: program {argv[0]!r} not found on PATH={path}")
     argv[0] = exe
+    if adapter.hook_setup is not None:
+        hooks = adapter.hook_setup(f"{shlex.quote(sys.executable)} -m fleetbus hook")
+        slot_dir = paths.slot_dir(slot.name)
+        slot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name, content in hooks.files.items():
+            tmp = slot_dir / f".{name}.tmp"
+            tmp.write_text(content)
+            os.replace(tmp, slot_dir / name)
+        argv += [a.replace("{slot_dir}", str(slot_dir)) for a in hooks.args]
+        hook_env = hooks.env
+    else:
+        hook_env = {}
     env = {
         "LANG": os.environ.get("LANG") or "C.UTF-8",
         **adapter.env,
+        **hook_env,
         **slot.env,
         "PATH": path,
         "FLEETBUS_SLOT": slot.name,
@@ -475,11 +491,27 @@ class Router:
                 return result("injected", id=msg_id)
             timeout = req.timeout_s or self.fleet.roster.bus.verify_timeout_s
             deadline = t0 + timeout
+            retries = 0
             if use_ack:
-                with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
-                    await ev.wait()
+                # one look at the pane after DRAFT_CHECK_S: a message still sitting in the input line
+                # lost its submit key (seen with Claude Code 2.1.197 right after start-up), so send
+                # the one extra submit key now instead of at the deadline
+                check_at = time.monotonic() + DRAFT_CHECK_S
+                while not ev.is_set() and time.monotonic() < deadline:
+                    until = deadline if retries else min(deadline, check_at)
+                    with anyio.move_on_after(max(0.0, until - time.monotonic())):
+                        await ev.wait()
+                    if ev.is_set() or retries or time.monotonic() >= deadline:
+                        break
+                    scr = await self.transport.screen(slot.name)
+                    retries = 1
+                    if verify.classify(adapter, scr, mk) == "draft":
+                        await self.transport.send_keys(slot.name, adapter.submit.key)
+                    else:
+                        retries = 0
+                        check_at = float("inf")
                 if ev.is_set():
-                    return result("accepted", id=msg_id, evidence="runtime-ack")
+                    return result("accepted", id=msg_id, evidence="runtime-ack", submit_retries=retries)
             else:
                 while time.monotonic() < deadline:
                     scr = await self.transport.screen(slot.name, history=HISTORY_ROWS)
@@ -487,20 +519,25 @@ class Router:
                         return result("accepted", id=msg_id, evidence="pane-diff", detail="" if not adapter.has_hook
                                       else "sidecar not connected: verified by pane diff")
                     await anyio.sleep(POLL_S)
-            return await self._final_verdict(slot, adapter, mk, msg_id, ev, use_ack, result)
+            return await self._final_verdict(slot, adapter, mk, msg_id, ev, use_ack, result, retries)
         finally:
             self.waiters.pop(msg_id, None)
             self.acks.pop(msg_id, None)
 
     async def _final_verdict(self, slot: Slot, adapter: Any, mk: str, msg_id: str, ev: anyio.Event, use_ack: bool,
-                             result: Any) -> P.SendResult:
-        """After the timeout: a draft gets one more submit key (never re-typed text)."""
+                             result: Any, retries: int = 0) -> P.SendResult:
+        """After the timeout: a draft gets one extra submit key in all (never re-typed text)."""
         try:
             verdict = verify.classify(adapter, await self.transport.screen(slot.name, history=HISTORY_ROWS), mk)
         except SlotNotFound:
             return result("unconfirmed", id=msg_id, detail=f"slot {slot.name!r} vanished during verification")
+        if verdict == "draft" and retries:
+            return result("draft", id=msg_id, submit_retries=retries,
+                          detail=f"the message sits unsubmitted in the input line of {slot.name!r} "
+                                 f"(one extra {adapter.submit.key} was sent)")
         if verdict != "draft":
-            return result("unconfirmed", id=msg_id, detail="no runtime ack and no pane evidence before the timeout")
+            return result("unconfirmed", id=msg_id, submit_retries=retries,
+                          detail="no runtime ack and no pane evidence before the timeout")
         await self.transport.send_keys(slot.name, adapter.submit.key)
         with anyio.move_on_after(1.0 if use_ack else 0.5):
             if use_ack:
