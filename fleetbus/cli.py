@@ -67,13 +67,12 @@ def _run(coro_fn, *a):
 
 
 def _client_call(fleet, fn):
-    from fleetbus.client import Client
+    from fleetbus.client import RouterUnavailable, SyncClient
 
-    async def main():
-        async with Client(fleet) as c:
-            return await fn(c)
-
-    return _run(main)
+    try:
+        return SyncClient(fleet).call(fn)
+    except RouterUnavailable as e:
+        raise CliError(str(e), EXIT_NO_ROUTER) from None
 
 
 def _slot_checked(fleet, slot: str) -> None:

@@ -141,24 +141,33 @@ class Client:
 
 
 class SyncClient:
-    """Blocking facade over :class:`Client` for scripts: each call opens, asks and closes."""
+    """Blocking facade over :class:`Client` for scripts: each call opens, asks and closes.
 
-    def __init__(self, fleet: Fleet, paths: FleetPaths | None = None):
+    Raises:
+        RouterUnavailable: as :class:`Client` does. RequestFailed: the router refused.
+    """
+
+    def __init__(self, fleet: Fleet, paths: FleetPaths | None = None, connect_timeout_s: float = 5.0):
         self.fleet = fleet
         self.paths = paths
+        self.connect_timeout_s = connect_timeout_s
 
-    def _call(self, fn: Callable[[Client], Any]) -> Any:
+    def call(self, fn: Callable[[Client], Any]) -> Any:
+        """Run ``await fn(client)`` on a fresh connection and return its result."""
         async def main() -> Any:
-            async with Client(self.fleet, self.paths) as c:
+            async with Client(self.fleet, self.paths, self.connect_timeout_s) as c:
                 return await fn(c)
 
         return anyio.run(main, backend="asyncio")
 
     def send(self, to: str, body: str, **kw: Any) -> P.SendResult:
-        return self._call(lambda c: c.send(to, body, **kw))
+        return self.call(lambda c: c.send(to, body, **kw))
 
     def ps(self) -> list[P.SlotStatus]:
-        return self._call(lambda c: c.ps())
+        return self.call(lambda c: c.ps())
 
     def health(self) -> dict[str, Any]:
-        return self._call(lambda c: c.health())
+        return self.call(lambda c: c.health())
+
+    def shutdown(self, teardown: bool = False) -> dict[str, Any]:
+        return self.call(lambda c: c.shutdown(teardown))

@@ -10,7 +10,7 @@ import time
 
 import anyio
 
-from fleetbus.client import Client, RouterUnavailable
+from fleetbus.client import RouterUnavailable, SyncClient
 from fleetbus.config import Fleet
 from fleetbus.paths import FleetPaths
 from fleetbus.protocol import SlotStatus
@@ -34,22 +34,12 @@ def ps(fleet: Fleet, paths: FleetPaths) -> list[SlotStatus]:
     """Status of every slot: from the router, or from tmux + heartbeat files when it is down."""
     if procs.router_pid(paths) is not None:
         try:
-            async def ask() -> list[SlotStatus]:
-                async with Client(fleet, paths, connect_timeout_s=3.0) as c:
-                    return await c.ps()
-            return anyio.run(ask, backend="asyncio")
+            return SyncClient(fleet, paths, connect_timeout_s=3.0).ps()
         except RouterUnavailable:
             pass
     transport = make_transport(fleet, paths)
     panes = anyio.run(transport.probe_all, backend="asyncio")
     return collect_status(fleet, panes, beats_from_files(fleet, paths), source="files")
-
-
-def _health(fleet: Fleet, paths: FleetPaths, timeout_s: float) -> dict:
-    async def ask() -> dict:
-        async with Client(fleet, paths, connect_timeout_s=timeout_s) as c:
-            return await c.health()
-    return anyio.run(ask, backend="asyncio")
 
 
 def up(fleet: Fleet, paths: FleetPaths, timeout_s: float = 20.0) -> tuple[bool, list[SlotStatus]]:
@@ -69,7 +59,7 @@ def up(fleet: Fleet, paths: FleetPaths, timeout_s: float = 20.0) -> tuple[bool, 
     while True:
         try:
             if procs.router_pid(paths) is not None:
-                _health(fleet, paths, 1.0)
+                SyncClient(fleet, paths, connect_timeout_s=1.0).health()
                 break
         except RouterUnavailable:
             pass
@@ -93,10 +83,7 @@ def down(fleet: Fleet, paths: FleetPaths, timeout_s: float = 15.0) -> dict:
     pid = procs.router_pid(paths)
     if pid is not None:
         try:
-            async def ask() -> dict:
-                async with Client(fleet, paths, connect_timeout_s=3.0) as c:
-                    return await c.shutdown(teardown=True)
-            anyio.run(ask, backend="asyncio")
+            SyncClient(fleet, paths, connect_timeout_s=3.0).shutdown(teardown=True)
             if procs.wait_gone(pid, timeout_s):
                 return {"via": "router", "router_pid": pid}
         except RouterUnavailable:

@@ -86,7 +86,8 @@ def test_hook_frame_matches_protocol_marker_regex():
     from fleetbus.adapters import find_markers
 
     text = f"a fleet#{MID1} b fleet#{MID2}c fleet#{MID2}"
-    assert hook._MARKER_RE.findall(text) == find_markers(text) == [MID1, MID2]
+    markers = msgpack.unpackb(hook.hook_frame("prompt-submit", prompt=text))["markers"]
+    assert markers == find_markers(text) == [MID1, MID2]
 
 
 # --- send_hook -------------------------------------------------------------------------------

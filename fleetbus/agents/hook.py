@@ -13,13 +13,13 @@ the frame matches :class:`fleetbus.protocol.HookEvent` (the sidecar validates it
 from __future__ import annotations
 
 import os
-import re
 import socket
 import time
 
 import msgpack
 
-_MARKER_RE = re.compile(r"fleet#([0-9a-f]{12})\b")
+from fleetbus.adapters.base import find_markers
+
 EVENTS = ("prompt-submit", "turn-start", "turn-end", "session-start")
 
 
@@ -28,7 +28,7 @@ def hook_frame(event: str, *, prompt: str = "", session_id: str | None = None, s
     """Encode a HOOK frame. Markers are taken from ``prompt``; ``prompt_head`` keeps 200 chars."""
     frame = {
         "v": 1, "kind": "HOOK", "event": event, "slot": slot, "runtime": runtime,
-        "markers": _MARKER_RE.findall(prompt), "prompt_head": prompt[:200], "at": time.time(),
+        "markers": find_markers(prompt), "prompt_head": prompt[:200], "at": time.time(),
     }
     if session_id:
         frame["session_id"] = session_id

@@ -496,20 +496,16 @@ class Router:
                 # one look at the pane after DRAFT_CHECK_S: a message still sitting in the input line
                 # lost its submit key (seen with Claude Code 2.1.197 right after start-up), so send
                 # the one extra submit key now instead of at the deadline
-                check_at = time.monotonic() + DRAFT_CHECK_S
-                while not ev.is_set() and time.monotonic() < deadline:
-                    until = deadline if retries else min(deadline, check_at)
+                async def wait_ack(until: float) -> None:
                     with anyio.move_on_after(max(0.0, until - time.monotonic())):
                         await ev.wait()
-                    if ev.is_set() or retries or time.monotonic() >= deadline:
-                        break
-                    scr = await self.transport.screen(slot.name)
-                    retries = 1
-                    if verify.classify(adapter, scr, mk) == "draft":
+
+                await wait_ack(min(deadline, time.monotonic() + DRAFT_CHECK_S))
+                if not ev.is_set() and time.monotonic() < deadline:
+                    if verify.classify(adapter, await self.transport.screen(slot.name), mk) == "draft":
                         await self.transport.send_keys(slot.name, adapter.submit.key)
-                    else:
-                        retries = 0
-                        check_at = float("inf")
+                        retries = 1
+                    await wait_ack(deadline)
                 if ev.is_set():
                     return result("accepted", id=msg_id, evidence="runtime-ack", submit_retries=retries)
             else:
