@@ -3,10 +3,13 @@
 Exit codes (stable):
 
 ====  =====================================================================================
-0     success; ``send``: ``accepted`` (or ``injected`` without ``--verify``)
-1     ``send``: ``draft`` or ``unconfirmed``; another command could not finish its work
+0     success; ``send``: ``accepted``, ``queued`` (the busy runtime's TUI holds it; use
+      ``--wait accepted`` to wait until the runtime takes it), or ``injected`` without ``--verify``
+1     ``send``: ``draft`` or ``unconfirmed``; ``reset`` not confirmed; ``interrupt``: still busy;
+      another command could not finish its work
 2     usage or configuration error (bad arguments, invalid roster, unreadable input)
-3     rejected: unknown slot, slot not running or dead, invalid message, busy input line
+3     rejected: unknown slot, slot not running or dead, invalid message, busy input line,
+      not at its prompt, ``reset`` during a turn
 4     the router is not running or does not answer
 ====  =====================================================================================
 
@@ -84,23 +87,17 @@ def _slot_checked(fleet, slot: str) -> None:
 
 
 def cmd_hook(args: argparse.Namespace) -> int:
-    """Forward a runtime hook event to the slot's sidecar. Always exits 0: a hook never fails its runtime."""
-    from fleetbus.agents.hook import send_hook
+    """Forward a runtime hook event to the slot's sidecar. Always exits 0 and prints nothing
+    (Gemini CLI reads hook stdout as JSON): a hook never fails or blocks its runtime."""
+    from fleetbus.agents.hook import parse_payload, send_hook
 
-    prompt = ""
-    session = args.session_id
-    if args.event == "prompt-submit" and not sys.stdin.isatty():
-        raw = sys.stdin.read()
+    prompt, session, source = "", None, ""
+    if not sys.stdin.isatty():
         try:
-            payload = json.loads(raw)
-            if isinstance(payload, dict):
-                prompt = str(payload.get("prompt") or payload.get("text") or "")
-                session = session or payload.get("session_id")
-            else:
-                prompt = raw
-        except ValueError:
-            prompt = raw
-    send_hook(args.event, prompt=prompt, session_id=session)
+            prompt, session, source = parse_payload(sys.stdin.read(4 * 1024 * 1024))
+        except (OSError, UnicodeDecodeError):
+            pass
+    send_hook(args.event, prompt=prompt, session_id=args.session_id or session, source=source)
     return EXIT_OK
 
 
@@ -216,7 +213,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     body = _read_body(args)
     _slot_checked(fleet, args.slot)
     r = _client_call(fleet, lambda c: c.send(args.slot, body, verify=args.verify, timeout_s=args.timeout,
-                                              sender=args.sender, on_busy_input=args.on_busy_input))
+                                              sender=args.sender, on_busy_input=args.on_busy_input,
+                                              wait=args.wait))
     if args.json:
         _emit_json(r.model_dump())
     else:
@@ -224,7 +222,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         code = f" [{r.code}]" if r.code else ""
         detail = f": {r.detail}" if r.detail else ""
         print(f"{r.slot}: {r.result}{ev}{code} in {r.latency_ms:.1f} ms{detail}" + (f"  id={r.id}" if r.id else ""))
-    return {"accepted": EXIT_OK, "injected": EXIT_OK, "rejected": EXIT_REJECTED}.get(r.result, EXIT_FAIL)
+    return {"accepted": EXIT_OK, "queued": EXIT_OK, "injected": EXIT_OK, "rejected": EXIT_REJECTED}.get(r.result, EXIT_FAIL)
 
 
 def cmd_slot_op(args: argparse.Namespace) -> int:
@@ -234,18 +232,21 @@ def cmd_slot_op(args: argparse.Namespace) -> int:
     _slot_checked(fleet, args.slot)
     kind = args.command.upper()
     try:
-        data = _client_call(fleet, lambda c: c.slot_op(kind, args.slot))
+        data = _client_call(fleet, lambda c: c.slot_op(kind, args.slot, getattr(args, "timeout", None)))
     except RequestFailed as e:
-        code = EXIT_REJECTED if e.code in ("unknown-slot", "slot-down", "no-reset", "already-running") else EXIT_FAIL
+        code = EXIT_REJECTED if e.code in ("unknown-slot", "slot-down", "slot-dead", "no-reset", "no-prompt", "busy",
+                                           "already-running") else EXIT_FAIL
         if args.json:
             _emit_json({"slot": args.slot, "ok": False, "code": e.code, "error": str(e)})
             return code
         raise CliError(str(e), code) from None
+    ok = data.get("confirmed", True)
     if args.json:
-        _emit_json({"ok": True, **data})
+        _emit_json({"ok": ok, **data})
     else:
-        print(f"{args.slot}: {args.command} ok " + " ".join(f"{k}={v}" for k, v in data.items() if k != "slot"))
-    return EXIT_OK
+        print(f"{args.slot}: {args.command} {'ok' if ok else 'NOT CONFIRMED'} "
+              + " ".join(f"{k}={v}" for k, v in data.items() if k != "slot"))
+    return EXIT_OK if ok else EXIT_FAIL
 
 
 def _tmux(fleet, paths):
@@ -324,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("-f", "--file", help="read the message from FILE (UTF-8)")
     p.add_argument("--verify", action="store_true", help="wait for evidence: runtime ack or pane diff")
     p.add_argument("--timeout", type=float, default=None, help="verification timeout in seconds (default: roster bus.verify_timeout_s)")
+    p.add_argument("--wait", choices=["queued", "accepted"], default="queued",
+                   help="with --verify, when the runtime is busy and its TUI queues the message: answer "
+                        "`queued` at once (default, exit 0) or wait until the runtime takes it (timeout "
+                        "default 600 s)")
     p.add_argument("--on-busy-input", choices=["fail", "clear"], default="fail",
                    help="when the input line already holds text: fail (default, nothing typed) or clear it first")
     p.add_argument("--from", dest="sender", default=os.environ.get("FLEETBUS_SLOT") or "ops",
@@ -337,16 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("slot")
     for name, help in (("start", "start a stopped or dead slot and its sidecar"), ("stop", "stop a slot and its sidecar"),
                        ("restart", "restart a slot's runtime (its session and sidecar stay)"),
-                       ("reset", "submit the runtime's reset command (e.g. /clear)")):
+                       ("reset", "submit the runtime's reset command (e.g. /clear) and confirm it by the "
+                                 "runtime's session-start event"),
+                       ("interrupt", "stop the current turn (Esc for agent TUIs, C-c for shells) and confirm the "
+                                     "slot went idle")):
         p = add(name, cmd_slot_op, help, True)
         p.add_argument("slot")
+        if name in ("reset", "interrupt"):
+            p.add_argument("--timeout", type=float, default=None,
+                           help="seconds to wait for confirmation (default: roster bus.verify_timeout_s)")
     p = add("router", cmd_router, "run the router in the foreground")
     p.add_argument("--log-level", default="info")
     p = add("sidecar", cmd_sidecar, "run one slot's sidecar in the foreground")
     p.add_argument("slot")
     p.add_argument("--log-level", default="info")
     p = add("hook", cmd_hook, "forward a runtime hook event to the slot's sidecar (reads the hook payload on stdin)")
-    p.add_argument("event", choices=["prompt-submit", "turn-start", "turn-end", "session-start"])
+    p.add_argument("event", choices=["prompt-submit", "prompt-queued", "turn-start", "turn-end", "session-start"])
     p.add_argument("--session-id", default=None)
     p = add("demo", cmd_demo, "run a throwaway fleet on its own tmux socket and show the main job", True)
     p.add_argument("--keep", action="store_true", help="leave the demo fleet running")

@@ -112,15 +112,19 @@ class Client:
         return res.data
 
     async def send(self, to: str, body: str, *, verify: bool = True, timeout_s: float | None = None,
-                   sender: str = "ops", on_busy_input: Literal["fail", "clear"] = "fail") -> P.SendResult:
+                   sender: str = "ops", on_busy_input: Literal["fail", "clear"] = "fail",
+                   wait: Literal["queued", "accepted"] = "queued") -> P.SendResult:
         """Deliver ``body`` to slot ``to``; with ``verify`` wait up to ``timeout_s`` s for evidence.
 
-        Never raises for a rejected message: the result says ``rejected`` with a ``code``.
+        ``wait="queued"`` answers ``queued`` as soon as the runtime's TUI is seen holding the
+        message (the slot was busy); ``wait="accepted"`` waits on for the runtime's ack (default
+        timeout :data:`fleetbus.protocol.QUEUE_TIMEOUT_S`). Never raises for a rejected message:
+        the result says ``rejected`` with a ``code``.
         """
-        t = timeout_s or self.fleet.roster.bus.verify_timeout_s
+        t = timeout_s or (P.QUEUE_TIMEOUT_S if wait == "accepted" else self.fleet.roster.bus.verify_timeout_s)
         data = await self.request(
             lambda req: P.SendRequest(req=req, to=to, body=body, sender=sender, verify=verify,
-                                      timeout_s=timeout_s, on_busy_input=on_busy_input),
+                                      timeout_s=timeout_s, on_busy_input=on_busy_input, wait=wait),
             t + 10.0,
         )
         return P.SendResult.model_validate(data)
@@ -133,8 +137,17 @@ class Client:
     async def health(self) -> dict[str, Any]:
         return await self.request(lambda req: P.HealthRequest(req=req), self.connect_timeout_s)
 
-    async def slot_op(self, kind: Literal["START", "STOP", "RESTART", "RESET"], slot: str) -> dict[str, Any]:
-        return await self.request(lambda req: P.SlotRequest(kind=kind, req=req, slot=slot), 30.0)
+    async def slot_op(self, kind: Literal["START", "STOP", "RESTART", "RESET", "INTERRUPT"], slot: str,
+                      timeout_s: float | None = None) -> dict[str, Any]:
+        """An operator verb on one slot. RESET and INTERRUPT confirm their effect within
+        ``timeout_s`` s (default: roster ``bus.verify_timeout_s``).
+
+        Raises:
+            RequestFailed: with codes ``unknown-slot``, ``slot-down``, ``slot-dead``, ``no-reset``,
+                ``no-prompt``, ``busy``, ``still-busy``, ``already-running``, ``transport``.
+        """
+        t = (timeout_s or self.fleet.roster.bus.verify_timeout_s) + 30.0
+        return await self.request(lambda req: P.SlotRequest(kind=kind, req=req, slot=slot, timeout_s=timeout_s), t)
 
     async def shutdown(self, teardown: bool = False) -> dict[str, Any]:
         return await self.request(lambda req: P.ShutdownRequest(req=req, teardown=teardown), self.connect_timeout_s)

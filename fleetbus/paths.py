@@ -69,6 +69,11 @@ class FleetPaths:
         """Unix datagram socket on which slot ``slot``'s sidecar receives runtime hook events."""
         return self.run_dir / "h" / f"{slot}.sock"
 
+    def hook_stream(self, slot: str) -> Path:
+        """Unix stream socket on which slot ``slot``'s sidecar reads JSON-line hook events from
+        in-process extensions (Node has no Unix datagram sockets)."""
+        return self.run_dir / "h" / f"{slot}.jsonl"
+
     def heartbeat_file(self, slot: str) -> Path:
         """``key=value`` heartbeat file the sidecar rewrites atomically on every beat."""
         return self.state_dir / "run" / f"{slot}.hb"
@@ -94,7 +99,7 @@ class FleetPaths:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         for d in (self.run_dir, self.run_dir / "h"):
             _private_dir(d)
-        longest = len(str(self.run_dir / "h")) + 1 + 64 + len(".sock")
+        longest = len(str(self.run_dir / "h")) + 1 + 64 + len(".jsonl")
         if longest > MAX_SOCKET_PATH:
             raise PathError(
                 f"runtime dir {self.run_dir} is too long for Unix sockets "

@@ -6,11 +6,11 @@ sockets. :func:`decode` validates into the :data:`Envelope` discriminated union 
 :class:`ProtocolError` for anything else, so a malformed frame is dropped and counted, never
 crashes a reader.
 
-Sidecar → router: ``HELLO``, ``PING``, ``ACK``, ``BYE``.
+Sidecar → router: ``HELLO``, ``PING``, ``ACK``, ``BYE``, and ``HOOK`` (hook events forwarded).
 Router → sidecar: ``WELCOME``, ``PONG``, ``EXPECT``, ``DISCONNECT``.
-Client → router: ``SEND``, ``PS``, ``START``, ``STOP``, ``RESTART``, ``RESET``, ``HEALTH``,
+Client → router: ``SEND``, ``PS``, ``START``, ``STOP``, ``RESTART``, ``RESET``, ``INTERRUPT``, ``HEALTH``,
 ``SHUTDOWN``; the router answers each with a ``RESULT`` carrying the same ``req``.
-Runtime hook → sidecar (local Unix datagram socket): ``HOOK``.
+Runtime hook → sidecar (local Unix datagram socket; extensions use JSON lines on a stream socket): ``HOOK``.
 Router PUB socket: ``EVENT`` frames ``[topic][msgpack map]``.
 
 This module depends on nothing else in fleetbus.
@@ -23,12 +23,15 @@ import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PROTOCOL_VERSION = 1
+#: Default seconds a ``SEND`` with ``wait="accepted"`` waits for a queued message to be taken.
+QUEUE_TIMEOUT_S = 600.0
 #: Largest frame :func:`decode` accepts (bytes); a 64 KiB body plus envelope fits easily.
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 
 SlotState = Literal["starting", "idle", "busy", "unknown", "dead"]
 Evidence = Literal["runtime-ack", "pane-diff"]
-Outcome = Literal["accepted", "injected", "draft", "unconfirmed", "rejected"]
+Outcome = Literal["accepted", "queued", "injected", "draft", "unconfirmed", "rejected"]
+HookEventName = Literal["prompt-submit", "prompt-queued", "turn-start", "turn-end", "session-start"]
 
 
 class ProtocolError(ValueError):
@@ -69,11 +72,13 @@ class Ping(_Env):
 
 
 class Ack(_Env):
-    """The runtime took message ``id``. ``at`` is a Unix time in seconds."""
+    """The runtime took message ``id`` (``stage="accepted"``), or its TUI holds it in its own
+    queue while a turn runs (``stage="queued"``). ``at`` is a Unix time in seconds; ``session_id``
+    is the runtime's session that took it."""
 
     kind: Literal["ACK"] = "ACK"
     id: str
-    stage: Literal["accepted"] = "accepted"
+    stage: Literal["queued", "accepted"] = "accepted"
     evidence: Evidence = "runtime-ack"
     at: float = Field(default_factory=time.time)
     session_id: str | None = None
@@ -117,7 +122,12 @@ class Disconnect(_Env):
 
 
 class SendRequest(_Env):
-    """Deliver ``body`` to slot ``to``. ``timeout_s`` (s) bounds verification."""
+    """Deliver ``body`` to slot ``to``. ``timeout_s`` (s) bounds verification.
+
+    ``wait``: with ``queued`` (default) a message the runtime's TUI holds in its queue answers
+    ``queued`` at once; with ``accepted`` the router keeps waiting for the runtime's ack (up to
+    ``timeout_s``, default :data:`QUEUE_TIMEOUT_S`).
+    """
 
     kind: Literal["SEND"] = "SEND"
     req: str
@@ -127,6 +137,7 @@ class SendRequest(_Env):
     verify: bool = True
     timeout_s: float | None = None
     on_busy_input: Literal["fail", "clear"] = "fail"
+    wait: Literal["queued", "accepted"] = "queued"
 
 
 class PsRequest(_Env):
@@ -137,9 +148,10 @@ class PsRequest(_Env):
 class SlotRequest(_Env):
     """An operator verb on one slot."""
 
-    kind: Literal["START", "STOP", "RESTART", "RESET"]
+    kind: Literal["START", "STOP", "RESTART", "RESET", "INTERRUPT"]
     req: str
     slot: str
+    timeout_s: float | None = None
 
 
 class HealthRequest(_Env):
@@ -174,7 +186,10 @@ class SendResult(BaseModel):
 
     Attributes:
         id: message id (12 hex chars; the marker is ``fleet#<id>``).
-        result: ``accepted`` (evidence says the runtime took it), ``injected`` (typed and
+        result: ``accepted`` (evidence says the runtime took it), ``queued`` (submitted while the
+            runtime was busy: its TUI holds the message and will take it when the turn ends;
+            evidence ``runtime-ack`` when its extension said so, ``pane-diff`` when the TUI's
+            queue indicator showed it), ``injected`` (typed and
             submitted, not verified: ``--verify`` was off), ``draft`` (text sits unsubmitted in
             the input line), ``unconfirmed`` (no evidence either way before the timeout),
             ``rejected`` (nothing was typed; ``code`` says why).
@@ -183,6 +198,8 @@ class SendResult(BaseModel):
             ``invalid-body``, ``busy-input``, ``no-prompt``.
         latency_ms: ms from the router receiving the SEND to the result.
         submit_retries: extra submit keys sent after a detected draft (never re-typed text).
+        session_id: the runtime session that acknowledged it (from the hook payload).
+        queued_ms: ms from the router receiving the SEND to the moment it was seen queued.
     """
 
     tenant_id: str
@@ -195,6 +212,8 @@ class SendResult(BaseModel):
     detail: str = ""
     latency_ms: float = 0.0
     submit_retries: int = 0
+    session_id: str | None = None
+    queued_ms: float | None = None
 
 
 class SlotStatus(BaseModel):
@@ -240,13 +259,16 @@ class SlotStatus(BaseModel):
 class HookEvent(_Env):
     """A runtime hook event forwarded to the slot's sidecar.
 
-    ``event`` is one of ``prompt-submit`` (the runtime accepted a prompt; ``markers`` holds the
-    fleet message ids found in it), ``turn-start``, ``turn-end`` and ``session-start``.
-    ``prompt_head`` is at most 200 characters of the prompt, for logs.
+    ``event`` is one of ``prompt-submit`` (the runtime took a prompt into a turn; ``markers``
+    holds the fleet message ids found in it), ``prompt-queued`` (the TUI took the prompt into its
+    own queue while a turn runs), ``turn-start``, ``turn-end`` and ``session-start``. ``source``
+    is the runtime's reason (``startup``, ``clear``, ``new``, ``interrupt``...). ``prompt_head``
+    is at most 200 characters of the prompt, for logs. Sidecars forward every event to the router.
     """
 
     kind: Literal["HOOK"] = "HOOK"
-    event: Literal["prompt-submit", "turn-start", "turn-end", "session-start"]
+    event: HookEventName
+    source: str = ""
     slot: str = ""
     runtime: str = ""
     session_id: str | None = None

@@ -174,3 +174,22 @@ def test_send_hook_never_blocks_on_full_queue(receiver):
 
 def test_send_hook_never_raises_on_odd_prompt(short_dir):
     assert send_hook("prompt-submit", prompt="bad \ud800 text", path=os.path.join(short_dir, "nobody.sock")) is False
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ('{"prompt": "hi fleet#0123456789ab", "session_id": "s1", "source": "startup"}',
+     ("hi fleet#0123456789ab", "s1", "startup")),
+    ('{"hook_event_name": "SessionEnd", "reason": "clear", "session_id": "s2"}', ("", "s2", "clear")),
+    ('{"text": "pi text", "sessionID": "ses_x"}', ("pi text", "ses_x", "")),
+    ("plain text, not JSON", ("plain text, not JSON", None, "")),
+    ('["a", "list"]', ('["a", "list"]', None, "")),
+    ("", ("", None, "")),
+])
+def test_parse_payload_of_each_runtime_shape(raw, expected):
+    from fleetbus.agents.hook import parse_payload
+    assert parse_payload(raw) == expected
+
+
+def test_hook_frame_carries_source():
+    ev = decode(hook_frame("session-start", session_id="abc", source="clear"))
+    assert (ev.event, ev.session_id, ev.source) == ("session-start", "abc", "clear")

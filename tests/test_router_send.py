@@ -91,3 +91,62 @@ def test_dead_and_absent_slots_rejected(router):
     assert send(router, "sh0", "echo").code == "slot-dead"
     del router.transport.panes["st"]
     assert send(router, "st", "echo").code == "slot-down"
+
+
+def _claude_router(tmp_path, **bus):
+    fleet = parse_roster({"version": 1, "tenant": "mem", "transport": {"kind": "memory"},
+                          "bus": {"verify_timeout_s": 0.5, **bus}, "agents": [{"name": "cc", "runtime": "claude"}]},
+                         base_dir=tmp_path)
+    t = MemoryTransport()
+    pane = t.panes["cc"] = MemoryPane(prompt="❯ ", command="claude")
+    pane.rows += ["✻ Working… (esc to interrupt)"]
+    # Claude Code while a turn runs: the submitted message is drawn indented under the spinner
+    pane.on_submit = lambda line: pane.rows.append("  ❯ " + line)
+    return Router(fleet, fleet_paths("mem", "memq", env={"FLEETBUS_HOME": str(tmp_path)}), transport=t,
+                  spawn_sidecars=False)
+
+
+def test_queue_indicator_on_the_pane_means_queued(tmp_path):
+    router = _claude_router(tmp_path)
+    r = send(router, "cc", "while busy")
+    assert (r.result, r.evidence) == ("queued", "pane-diff"), r
+    assert r.queued_ms is not None and r.queued_ms <= r.latency_ms
+
+
+def test_wait_accepted_keeps_waiting_and_reports_queued_at_the_deadline(tmp_path):
+    router = _claude_router(tmp_path)
+    r = send(router, "cc", "while busy", wait="accepted", timeout_s=0.3)
+    assert r.result == "queued" and r.latency_ms >= 300 and "timeout" in r.detail, r
+
+
+def test_interrupt_sends_the_key_only_when_busy(tmp_path):
+    router = _claude_router(tmp_path)
+    pane = router.transport.panes["cc"]
+
+    async def esc_clears():
+        orig = router.transport.send_keys
+
+        async def send_keys(slot, *keys):
+            await orig(slot, *keys)
+            if "Escape" in keys:
+                pane.rows[:] = [r for r in pane.rows if "esc to interrupt" not in r]
+        router.transport.send_keys = send_keys
+        first = await router.interrupt(router.fleet.slot("cc"), 2.0)
+        second = await router.interrupt(router.fleet.slot("cc"), 2.0)
+        return first, second
+
+    first, second = anyio.run(esc_clears, backend="asyncio")
+    assert first["was_busy"] and first["idle"] and not second["was_busy"]
+    assert [k for _, k in router.transport.keys] == [("Escape",)], "no key is sent to an idle slot"
+
+
+def test_reset_refused_while_busy_and_unconfirmed_without_evidence(tmp_path):
+    from fleetbus.router.server import RequestError
+
+    router = _claude_router(tmp_path)
+    with pytest.raises(RequestError) as e:
+        anyio.run(router.reset, router.fleet.slot("cc"), 0.2, backend="asyncio")
+    assert e.value.code == "busy"
+    router.transport.panes["cc"].rows.clear()
+    out = anyio.run(router.reset, router.fleet.slot("cc"), 0.2, backend="asyncio")
+    assert out["confirmed"] is False and out["reset_command"] == "/clear"

@@ -277,7 +277,7 @@ def test_not_at_prompt_refused_and_busy_stub_queues(make_fleet):
                             '{name: slow, runtime: stub, command: [fleet-stub, --think-ms, "1500"]}'))
     fe.up()
     # a program is running in the shell: its input line has no prompt, nothing is typed
-    assert send(fe, "sh0", "sleep 3", verify=True).result == "accepted"
+    assert send(fe, "sh0", "sleep 6", verify=True).result == "accepted"
     r = send(fe, "sh0", "echo must-not-run", verify=True)
     assert (r.result, r.code) == ("rejected", "no-prompt"), r
     assert "must-not-run" not in screen_text(fe, "sh0")
@@ -286,9 +286,32 @@ def test_not_at_prompt_refused_and_busy_stub_queues(make_fleet):
     assert first.result == "accepted"
     wait_for(lambda: fe.ps()["slow"].state == "busy", timeout=5, what="stub busy")
     second = send(fe, "slow", "second", verify=True, timeout_s=10)
-    assert (second.result, second.evidence) == ("accepted", "runtime-ack"), second
-    assert second.latency_ms > 300, "acked when the stub took it after the first turn, not when typed"
-    wait_for(lambda: "reply #2" in screen_text(fe, "slow"), what="second reply")
+    assert (second.result, second.evidence) == ("queued", "runtime-ack"), second
+    assert second.latency_ms < 1000, "queued is answered when the TUI takes the message into its queue"
+    third = send(fe, "slow", "third", verify=True, timeout_s=20, wait="accepted")
+    assert (third.result, third.evidence) == ("accepted", "runtime-ack"), third
+    assert third.queued_ms is not None and third.queued_ms < 1000, third
+    assert third.latency_ms > 1500, "acked when the stub took it after two turns, not when typed"
+    wait_for(lambda: "reply #3" in screen_text(fe, "slow"), what="third reply")
+    # a prompt sent while busy with --wait accepted from the CLI; then interrupt the running turn
+    cli = fe.cli("send", "slow", "-m", "fourth", "--verify", "--json")
+    assert cli.returncode == 0 and json.loads(cli.stdout)["result"] in ("accepted", "queued"), cli
+    wait_for(lambda: fe.ps()["slow"].state == "busy", timeout=5, what="stub busy with the fourth")
+    out = fe.cli("interrupt", "slow", "--json")
+    data = json.loads(out.stdout)
+    assert out.returncode == 0 and data["was_busy"] and data["idle"], out
+    assert fe.ps()["slow"].state == "idle"
+    out = fe.cli("interrupt", "slow", "--json")
+    assert out.returncode == 0 and not json.loads(out.stdout)["was_busy"], "idle: no key sent"
+    # reset is confirmed by the stub's session-start event
+    out = fe.cli("reset", "slow", "--json")
+    data = json.loads(out.stdout)
+    assert out.returncode == 0 and data["confirmed"] and data["evidence"] == "session-start", out
+    # a shell has no reset command; interrupting its running program confirms the prompt is back
+    assert send(fe, "sh0", "sleep 30", verify=True).result == "accepted"
+    out = fe.cli("interrupt", "sh0", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["was_busy"], out
+    assert send(fe, "sh0", "echo back", verify=True).result == "accepted"
 
 
 def test_events_on_pub_socket(make_fleet):

@@ -135,9 +135,12 @@ def test_marker_only_in_history_is_accepted():
     assert classify(STUB, s, MK) == "accepted"
 
 
-def test_blank_visible_screen_with_marker_in_history_is_accepted():
+def test_blank_visible_screen_with_marker_in_history():
     s = scr([""] * 24, cursor_y=0, history=["stub> ", STUB_LINE])
-    assert classify(STUB, s, MK) == "accepted"
+    # an agent TUI (prefix marker) must show its input line before a marker above it counts
+    assert classify(STUB, s, MK) == "pending"
+    sh = scr([""] * 24, cursor_y=0, history=["$ ", SHELL_LINE])
+    assert classify(SHELL, sh, MK) == "accepted", "a shell running the command shows no prompt"
 
 
 def test_draft_wins_when_marker_also_above():
@@ -226,10 +229,30 @@ def test_python_multiline_draft_on_continuation_prompt():
 
 
 def test_no_prompt_found_region_is_cursor_row_only():
-    # the stub adapter finds no "stub>" prompt on a shell screen: the input region is the cursor row alone,
-    # so a marker above it counts as accepted
+    # the stub adapter finds no "stub>" prompt on a shell screen: the input region is the cursor row
+    # alone, and for an agent TUI a marker above an unknown input line proves nothing
     s = scr(padded([SHELL_LINE, "hi", "$ "]), cursor_y=2)
-    assert classify(STUB, s, MK) == "accepted"
+    assert input_region(STUB, s) == (2, "$ ", False)
+    assert classify(STUB, s, MK) == "pending"
+
+
+CODEX = get_adapter("codex")
+
+
+def test_codex_multi_line_draft_is_a_draft_not_accepted():
+    # Codex 0.169.0 indents continuation rows by two spaces and word-wraps short of the width
+    lines = ["• earlier reply", "", f"› [fleet#{MID} ops -> cx] first line of three", "  second line",
+             "  third line", "", "  mock-model default · /tmp/proj"]
+    s = scr(lines, cursor_y=4, width=160)
+    start, region, at_prompt = input_region(CODEX, s)
+    assert (start, at_prompt) == (2, True) and MK in region
+    assert classify(CODEX, s, MK) == "draft"
+    assert typed_text(CODEX, s).startswith(f"[fleet#{MID}")
+
+
+def test_continuation_walk_is_used_only_when_it_reaches_the_prompt():
+    s = scr(["  indented output", "  more output"], cursor_y=1, width=160)
+    assert input_region(CODEX, s) == (1, "  more output", False)
 
 
 # --- typed_text ------------------------------------------------------------------------------
@@ -343,13 +366,13 @@ def test_base_adapter_without_patterns_expects_nothing():
 
 
 def test_registry_names_sorted():
-    assert names() == ["claude", "python", "shell", "stub"]
+    assert names() == ["claude", "codex", "gemini", "opencode", "pi", "python", "shell", "stub"]
 
 
 def test_get_adapter_unknown_lists_known():
     with pytest.raises(KeyError) as ei:
         get_adapter("emacs")
-    assert "'emacs'" in str(ei.value) and "claude, python, shell, stub" in str(ei.value)
+    assert "'emacs'" in str(ei.value) and "claude, codex, gemini, opencode, pi, python, shell, stub" in str(ei.value)
 
 
 def test_adapter_properties():
@@ -357,3 +380,41 @@ def test_adapter_properties():
     assert STUB.marker_style == "prefix"
     assert SHELL.marker_style == "comment" and PYTHON.marker_style == "comment"
     assert SHELL.env["PS1"] == "$ "
+
+
+# --- queued / busy / collapsed paste (adapter indicators) --------------------------------------
+
+CLAUDE = get_adapter("claude")
+RULE = "─" * 80
+
+
+def test_claude_queued_indicator_outside_input_region_is_queued():
+    lines = [f"❯ [fleet#{'f' * 12} ops -> cc] SLOW first", "✻ Working… (esc to interrupt)",
+             f"  ❯ [fleet#{MID} ops -> cc] typed while busy", RULE, "❯\u00a0Press up to edit queued messages", RULE]
+    s = scr(lines, cursor_y=4)
+    assert classify(CLAUDE, s, MK) == "queued"
+    assert verify.is_queued(CLAUDE, s) and verify.is_busy(CLAUDE, s)
+
+
+def test_queue_words_in_the_input_line_are_not_queued():
+    s = scr([RULE, "❯   ❯ not a queue row", RULE], cursor_y=1)
+    assert not verify.is_queued(CLAUDE, s)
+
+
+def test_collapsed_paste_placeholder_in_input_is_draft():
+    s = scr(["hello", RULE, "❯\u00a0[Pasted text #1 +79 lines]", RULE], cursor_y=2)
+    assert classify(CLAUDE, s, MK) == "draft"
+
+
+def test_no_indicators_for_adapters_without_them():
+    s = scr(["  ❯ x", "stub> "], cursor_y=1)
+    assert not verify.is_queued(STUB, s) and not verify.is_busy(STUB, s)
+
+
+def test_gemini_enter_turned_newline_is_a_draft():
+    # Gemini CLI 0.61.0: an Enter within its paste window becomes a newline; the cursor sits on
+    # the empty second row of the draft
+    gem = get_adapter("gemini")
+    lines = ["✦ earlier reply", "", f" > [fleet#{MID} ops -> gm] SLOW first turn", "", "   workspace (/dir)"]
+    s = scr(lines, cursor_y=3, width=160, cursor_x=3)
+    assert classify(gem, s, MK) == "draft"

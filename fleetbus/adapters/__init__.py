@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from fleetbus.adapters.base import Adapter, HookSetup, SubmitProfile, find_markers, marker
 from fleetbus.adapters.claude import CLAUDE
+from fleetbus.adapters.codex import CODEX
+from fleetbus.adapters.gemini import GEMINI
+from fleetbus.adapters.opencode import OPENCODE
+from fleetbus.adapters.pi import PI
 from fleetbus.adapters.python import PYTHON
 from fleetbus.adapters.shell import SHELL
 from fleetbus.adapters.stub import STUB
 
-ADAPTERS: dict[str, Adapter] = {a.name: a for a in (STUB, SHELL, PYTHON, CLAUDE)}
+ADAPTERS: dict[str, Adapter] = {a.name: a for a in (STUB, SHELL, PYTHON, CLAUDE, CODEX, PI, OPENCODE, GEMINI)}
 
 __all__ = ["ADAPTERS", "Adapter", "HookSetup", "SubmitProfile", "find_markers", "get_adapter", "marker", "names"]
 

@@ -49,8 +49,8 @@ class HookSetup:
         args: extra launch arguments (e.g. ``--settings <file>``).
         env: extra environment for the runtime.
         files: file name -> content, written by the router into the slot's own folder under the
-            fleet's state dir (never into the user's runtime config); ``{slot_dir}`` in args is
-            replaced by that folder.
+            fleet's state dir (never into the user's runtime config); ``{slot_dir}`` in args and
+            env values is replaced by that folder.
     """
 
     args: tuple[str, ...] = ()
@@ -76,6 +76,8 @@ class Adapter:
         clear_keys: tmux keys that empty the input line (``--on-busy-input=clear``).
         reset_command: text submitted by ``fleet reset`` (None: the runtime has none).
         interrupt_key: tmux key that stops the current turn or program.
+        interrupt_presses: how many separate presses of ``interrupt_key`` (0.2 s apart) stop a
+            turn (opencode 1.18.33 wants Esc twice, in two separate key events).
         marker_style: ``prefix`` puts ``[fleet#id from -> slot]`` before the body (agent TUIs);
             ``comment`` appends ``  # [fleet#id from -> slot]`` to the last line, so a shell or
             REPL runs the body unchanged.
@@ -84,6 +86,19 @@ class Adapter:
         hook_setup: given the ``fleet hook`` command prefix (a shell-quoted string), returns the
             :class:`HookSetup` that wires this runtime's hooks to the slot's sidecar; None for
             runtimes without hooks, or whose hook is built in (the stub).
+        queued: regex searched in the visible rows outside the input region: the TUI holds a
+            submitted message in its own queue while a turn runs (``send`` answers ``queued``).
+        busy: regex searched in the visible rows: a turn is running (``fleet interrupt`` waits
+            until it is gone).
+        paste_placeholder: regex searched in the input region: a collapsed large paste sits
+            there unsubmitted (a draft whose marker is hidden).
+        reset_event: how ``fleet reset`` is confirmed: ``session-start`` (the runtime's own
+            session-start hook event arrives after the reset command) or ``screen``
+            (``reset_screen`` appears; for runtimes that start the new session lazily).
+        reset_screen: regex searched in the visible screen (rows joined by newlines) confirming a
+            reset (``screen`` mode).
+        continuation: regex of the rows a multi-line draft continues on (e.g. Codex indents them
+            by two spaces); the input region may grow upward across them to the prompt row.
     """
 
     name: str
@@ -95,10 +110,17 @@ class Adapter:
     clear_keys: tuple[str, ...] = ("C-e", "C-u")
     reset_command: str | None = None
     interrupt_key: str = "C-c"
+    interrupt_presses: int = 1
     marker_style: Literal["prefix", "comment"] = "prefix"
     env: dict[str, str] = field(default_factory=dict)
     placeholders: tuple[str, ...] = ()
     hook_setup: Callable[[str], HookSetup] | None = None
+    queued: re.Pattern[str] | None = None
+    busy: re.Pattern[str] | None = None
+    paste_placeholder: re.Pattern[str] | None = None
+    reset_event: Literal["session-start", "screen"] = "session-start"
+    reset_screen: re.Pattern[str] | None = None
+    continuation: re.Pattern[str] | None = None
 
     def frame(self, body: str, msg_id: str, sender: str, slot: str) -> str:
         """Return the text typed into the slot for ``body``, carrying the message marker.

@@ -46,4 +46,8 @@ CLAUDE = Adapter(
     marker_style="prefix",
     placeholders=("Press up to edit queued messages", "Try \""),
     hook_setup=_hooks,
+    queued=re.compile(r"^\s+❯\s"),
+    busy=re.compile(r"esc to interrupt"),
+    paste_placeholder=re.compile(r"\[Pasted text #\d+"),
+    reset_event="session-start",
 )

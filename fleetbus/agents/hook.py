@@ -20,32 +20,60 @@ import msgpack
 
 from fleetbus.adapters.base import find_markers
 
-EVENTS = ("prompt-submit", "turn-start", "turn-end", "session-start")
+EVENTS = ("prompt-submit", "prompt-queued", "turn-start", "turn-end", "session-start")
 
 
-def hook_frame(event: str, *, prompt: str = "", session_id: str | None = None, slot: str = "",
+def hook_frame(event: str, *, prompt: str = "", session_id: str | None = None, source: str = "", slot: str = "",
                runtime: str = "") -> bytes:
     """Encode a HOOK frame. Markers are taken from ``prompt``; ``prompt_head`` keeps 200 chars."""
     frame = {
-        "v": 1, "kind": "HOOK", "event": event, "slot": slot, "runtime": runtime,
+        "v": 1, "kind": "HOOK", "event": event, "slot": slot, "runtime": runtime, "source": source[:40],
         "markers": find_markers(prompt), "prompt_head": prompt[:200], "at": time.time(),
     }
     if session_id:
-        frame["session_id"] = session_id
+        frame["session_id"] = session_id[:200]
     return msgpack.packb(frame, use_bin_type=True)
 
 
-def send_hook(event: str, *, prompt: str = "", session_id: str | None = None, path: str | None = None) -> bool:
-    """Send one hook event to the slot's sidecar. Returns False (never raises) when it is down."""
+def send_hook(event: str, *, prompt: str = "", session_id: str | None = None, source: str = "",
+              path: str | None = None) -> bool:
+    """Send one hook event to the slot's sidecar. Returns False (never raises) when it is down.
+
+    ``path`` defaults to ``$FLEETBUS_HOOK_SOCKET``; ``source`` is the runtime's reason
+    (``startup``, ``clear``...).
+    """
     path = path or os.environ.get("FLEETBUS_HOOK_SOCKET")
     if not path:
         return False
     try:
         data = hook_frame(event, prompt=prompt.encode("utf-8", "replace").decode("utf-8"), session_id=session_id,
-                          slot=os.environ.get("FLEETBUS_SLOT", ""), runtime=os.environ.get("FLEETBUS_RUNTIME", ""))
+                          source=source, slot=os.environ.get("FLEETBUS_SLOT", ""),
+                          runtime=os.environ.get("FLEETBUS_RUNTIME", ""))
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.setblocking(False)
             s.sendto(data, path)
         return True
     except (OSError, ValueError):
         return False
+
+
+def parse_payload(raw: str) -> tuple[str, str | None, str]:
+    """Read ``(prompt, session_id, source)`` from a runtime's hook payload.
+
+    Accepts the JSON objects of Claude Code (``prompt``, ``session_id``, ``source``/``reason``),
+    Codex (same names) and Gemini CLI (``prompt``, ``session_id``, ``source``/``reason``), and
+    the fleetbus extension lines (``text``, ``sessionID``). Anything that is not a JSON object
+    counts as the prompt text itself.
+    """
+    import json
+
+    try:
+        payload = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return raw, None, ""
+    if not isinstance(payload, dict):
+        return raw, None, ""
+    prompt = payload.get("prompt") or payload.get("text") or ""
+    session = payload.get("session_id") or payload.get("sessionID")
+    source = payload.get("source") or payload.get("reason") or ""
+    return (str(prompt), str(session) if session else None, str(source))

@@ -11,10 +11,13 @@ Loop (Paranoid Pirate style, sidecar speaks first):
    of silence the socket is closed and a new one connects with exponential backoff
    (0.25 s doubling to 8 s). ``DISCONNECT`` (the router does not know us, e.g. after a router
    restart) makes it send ``HELLO`` at once.
-4. Hook events arrive on a Unix datagram socket (``$FLEETBUS_HOOK_SOCKET``): ``prompt-submit``
-   yields an ``ACK`` for every fleet marker in the prompt; ``turn-start``/``turn-end`` set the
-   state to ``busy``/``idle`` and are reported with an immediate ``PING``. Acks that cannot be
-   sent (router down) are kept and sent after the next ``WELCOME``.
+4. Hook events arrive on a Unix datagram socket (``$FLEETBUS_HOOK_SOCKET``, from ``fleet hook``)
+   and as JSON lines on a Unix stream socket (``$FLEETBUS_HOOK_STREAM``, from in-process
+   extensions): ``prompt-submit`` yields an ``ACK`` for every fleet marker in the prompt,
+   ``prompt-queued`` an ``ACK{stage: queued}``; ``turn-start``/``turn-end`` set the state to
+   ``busy``/``idle`` and are reported with an immediate ``PING``; every event is forwarded to
+   the router as ``HOOK``. Accepted acks that cannot be sent (router down) are kept and sent
+   after the next ``WELCOME``.
 
 Heartbeats come from the same event loop that handles hooks, so a wedged sidecar stops beating.
 """
@@ -32,6 +35,8 @@ import zmq
 import zmq.asyncio
 
 from fleetbus import protocol as P
+from fleetbus.adapters.base import find_markers
+from fleetbus.agents.hook import EVENTS, parse_payload
 from fleetbus.config import Fleet
 from fleetbus.paths import FleetPaths, fleet_paths
 from fleetbus.router.procs import write_pidfile
@@ -40,6 +45,8 @@ log = logging.getLogger("fleetbus.sidecar")
 
 BACKOFF_START_S = 0.25
 BACKOFF_MAX_S = 8.0
+#: Longest JSON line accepted on the hook stream socket (bytes).
+MAX_STREAM_LINE = 4 * 1024 * 1024
 
 
 class Sidecar:
@@ -53,6 +60,8 @@ class Sidecar:
         self.liveness = self.slot.liveness
         self.state = "unknown"
         self.session_id: str | None = None
+        self.session_announced = False
+        self.side_events = 0
         self.pending_acks: list[P.Ack] = []
         self.expected: dict[str, float] = {}
         self.ctx = zmq.asyncio.Context()
@@ -183,21 +192,35 @@ class Sidecar:
     # -- hooks ---------------------------------------------------------------------------------
 
     def on_hook(self, ev: P.HookEvent) -> None:
-        if ev.event == "prompt-submit":
+        """Apply one hook event: acks for markers, state, session; then forward it to the router.
+
+        Session correlation: the slot's session is the one announced by the latest
+        ``session-start`` (or, when the sidecar started after the runtime, the first one seen).
+        A prompt event from any other session (an internal side thread of the runtime) is
+        ignored and counted in :attr:`side_events`.
+        """
+        if ev.event == "session-start":
+            if ev.session_id:
+                self.session_id, self.session_announced = ev.session_id, True
+        elif ev.session_id:
+            if self.session_id is None:
+                self.session_id = ev.session_id
+            elif ev.session_id != self.session_id and self.session_announced:
+                self.side_events += 1
+                log.info("ignored %s from session %s (slot session is %s)", ev.event, ev.session_id, self.session_id)
+                return
+        if ev.event in ("prompt-submit", "prompt-queued"):
+            stage = "accepted" if ev.event == "prompt-submit" else "queued"
             for msg_id in ev.markers:
-                ack = P.Ack(id=msg_id, at=ev.at, session_id=ev.session_id)
-                if not (self.welcomed and self._send(ack)):
+                ack = P.Ack(id=msg_id, stage=stage, at=ev.at, session_id=ev.session_id or self.session_id)
+                if not (self.welcomed and self._send(ack)) and stage == "accepted":
                     self.pending_acks.append(ack)
-                self.expected.pop(msg_id, None)
-            new_state = "busy"
-        elif ev.event == "turn-start":
-            new_state = "busy"
-        elif ev.event in ("turn-end", "session-start"):
-            new_state = "idle"
-        else:
-            return
-        if ev.session_id:
-            self.session_id = ev.session_id
+                if stage == "accepted":
+                    self.expected.pop(msg_id, None)
+        new_state = {"prompt-submit": "busy", "turn-start": "busy", "turn-end": "idle",
+                     "session-start": "idle"}.get(ev.event, self.state)
+        if self.welcomed:
+            self._send(ev)
         if new_state != self.state:
             self.state = new_state
             if self.welcomed:
@@ -222,6 +245,52 @@ class Sidecar:
                 if isinstance(ev, P.HookEvent):
                     self.on_hook(ev)
 
+    async def stream_loop(self) -> None:
+        """Accept JSON-line hook events from in-process extensions (pi, opencode) on
+        ``$FLEETBUS_HOOK_STREAM``: one object per line, ``{"event", "prompt", "session_id", "source"}``."""
+        path = self.paths.hook_stream(self.slot.name)
+        path.unlink(missing_ok=True)
+        old = os.umask(0o077)
+        try:
+            listener = await anyio.create_unix_listener(path)
+        finally:
+            os.umask(old)
+        async with listener:
+            await listener.serve(self._stream_client)
+
+    async def _stream_client(self, conn: anyio.abc.ByteStream) -> None:
+        buf = b""
+        async with conn:
+            try:
+                while True:
+                    chunk = await conn.receive(65536)
+                    buf += chunk
+                    while b"\n" in buf:
+                        line, buf = buf.split(b"\n", 1)
+                        self._stream_line(line)
+                    if len(buf) > MAX_STREAM_LINE:
+                        log.warning("dropped hook stream connection: line over %d bytes", MAX_STREAM_LINE)
+                        return
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                if buf.strip():
+                    self._stream_line(buf)
+
+    def _stream_line(self, line: bytes) -> None:
+        import json
+
+        try:
+            obj = json.loads(line.decode("utf-8", "replace"))
+            if not isinstance(obj, dict) or obj.get("event") not in EVENTS:
+                raise ValueError(f"unknown event {obj.get('event') if isinstance(obj, dict) else obj!r}")
+            prompt, session, source = parse_payload(json.dumps(obj))
+            ev = P.HookEvent(event=obj["event"], slot=self.slot.name, runtime=self.slot.runtime,
+                             session_id=session, source=source[:40], markers=find_markers(prompt),
+                             prompt_head=prompt[:200])
+        except (ValueError, TypeError) as e:
+            log.warning("dropped malformed hook line: %s", e)
+            return
+        self.on_hook(ev)
+
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT, or until the slot's pid file stops naming this process."""
         self.paths.ensure()
@@ -230,6 +299,7 @@ class Sidecar:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.bus_loop)
                 tg.start_soon(self.hook_loop)
+                tg.start_soon(self.stream_loop)
 
                 async def on_signal() -> None:
                     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -247,6 +317,7 @@ class Sidecar:
             self.ctx.term()
             if self.owns_pidfile():  # a newer sidecar of this slot owns the shared paths otherwise
                 self.paths.hook_socket(self.slot.name).unlink(missing_ok=True)
+                self.paths.hook_stream(self.slot.name).unlink(missing_ok=True)
                 # a sidecar that was stopped leaves no heartbeat; one that was killed leaves a stale one
                 self.paths.heartbeat_file(self.slot.name).unlink(missing_ok=True)
                 self.paths.sidecar_pidfile(self.slot.name).unlink(missing_ok=True)

@@ -8,8 +8,9 @@ It behaves like an agent TUI where it matters for delivery:
   it like any input box;
 - on submit it reports ``prompt-submit`` (with the prompt) and ``turn-start`` through the hook
   path, prints a reply above its input line after ``--think-ms``, then reports ``turn-end``;
-  its input line stays open during a turn, and prompts submitted then are queued and taken
-  (reported) when the turn ends, as agent TUIs do; ``/clear`` starts a new session and reports
+  its input line stays open during a turn, and prompts submitted then are queued (reported as
+  ``prompt-queued``) and taken (``prompt-submit``) when the turn ends, as agent TUIs do; C-c ends
+  the turn (``turn-end``) and drops the queue; ``/clear`` starts a new session and reports
   ``session-start``;
 - ``--ignore-enter`` models a program that never submits on Enter (the text stays a draft).
 
@@ -77,6 +78,7 @@ class Stub:
                 self.start_turn(text)
             else:  # busy: hold it, as agent TUIs queue prompts typed during a turn
                 self.queue.append(text)
+                send_hook("prompt-queued", prompt=text, session_id=self.session_id)
                 self.write(f"(queued, {len(self.queue)} waiting)\r\n")
         self.write(self.render_input())
 
@@ -98,6 +100,15 @@ class Stub:
             if self.queue:
                 self.start_turn(self.queue.pop(0))
             self.write(self.render_input())
+
+    def interrupt(self) -> None:
+        """C-c: drop the draft, the queue and the current turn (reported as ``turn-end``)."""
+        self.draft = []
+        self.queue.clear()
+        if self.current is not None:
+            self.current = None
+            send_hook("turn-end", session_id=self.session_id, source="interrupt")
+        self.write("^C\r\n" + PROMPT)
 
     def timeout(self) -> float | None:
         """Seconds until the current turn ends (None when idle)."""
@@ -155,12 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if old is not None:
         tty.setcbreak(fd)
 
-    def on_sigint(*_):  # C-c drops the draft, like a TUI's interrupt
-        stub.draft = []
-        stub.queue.clear()
-        stub.write("^C\r\n" + PROMPT)
-
-    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGINT, lambda *_: stub.interrupt())
     stub.write("\x1b[?2004h")
     stub.write(f"fleetbus stub agent (slot {os.environ.get('FLEETBUS_SLOT', '?')}, session {stub.session_id[:8]})\r\n")
     send_hook("session-start", session_id=stub.session_id)

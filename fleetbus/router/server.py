@@ -40,6 +40,10 @@ log = logging.getLogger("fleetbus.router")
 POLL_S = 0.005
 #: Seconds after typing at which a hook runtime's input line is checked once for a lost submit key.
 DRAFT_CHECK_S = 1.0
+#: Seconds a pane without a visible prompt is looked at again before ``no-prompt``.
+PROMPT_SETTLE_S = 2.0
+#: Pane polling interval (s) for a TUI's queue indicator while the slot is busy.
+QUEUE_POLL_S = 0.05
 #: Scrollback rows captured when looking for a submitted marker.
 HISTORY_ROWS = 300
 
@@ -53,6 +57,9 @@ def launch_spec(fleet: Fleet, paths: FleetPaths, slot: Slot) -> LaunchSpec:
 
     ``PATH`` is explicit: the slot's ``env.PATH`` if set, else this interpreter's bin dir
     followed by the router's own ``PATH`` (a detached tmux pane has no login shell PATH).
+    Environment precedence: the adapter's, then the roster slot's ``env``, then the variables of
+    the adapter's hook wiring (``NODE_OPTIONS`` from both is joined), then fleetbus's own
+    ``FLEETBUS_*``.
 
     Raises:
         TransportError: the program is not found on that PATH.
@@ -73,20 +80,24 @@ def launch_spec(fleet: Fleet, paths: FleetPaths, slot: Slot) -> LaunchSpec:
             tmp.write_text(content)
             os.replace(tmp, slot_dir / name)
         argv += [a.replace("{slot_dir}", str(slot_dir)) for a in hooks.args]
-        hook_env = hooks.env
+        hook_env = {k: v.replace("{slot_dir}", str(slot_dir)) for k, v in hooks.env.items()}
     else:
         hook_env = {}
     env = {
         "LANG": os.environ.get("LANG") or "C.UTF-8",
         **adapter.env,
-        **hook_env,
         **slot.env,
+        **hook_env,  # the hook wiring wins over the roster (opencode's OPENCODE_CONFIG, ...)
         "PATH": path,
         "FLEETBUS_SLOT": slot.name,
         "FLEETBUS_TENANT": fleet.tenant,
         "FLEETBUS_RUNTIME": slot.runtime,
         "FLEETBUS_HOOK_SOCKET": str(paths.hook_socket(slot.name)),
+        "FLEETBUS_HOOK_STREAM": str(paths.hook_stream(slot.name)),
     }
+    if "NODE_OPTIONS" in hook_env and slot.env.get("NODE_OPTIONS"):
+        # a roster's own NODE_OPTIONS must not switch off a hook preload (Gemini CLI's)
+        env["NODE_OPTIONS"] = f"{hook_env['NODE_OPTIONS']} {slot.env['NODE_OPTIONS']}"
     if fleet.path:
         env["FLEETBUS_ROSTER"] = str(fleet.path)
     if os.environ.get("FLEETBUS_HOME"):
@@ -121,8 +132,8 @@ class Router:
         self.spawn_sidecars = spawn_sidecars
         self.host = socket.gethostname()
         self.table = LivenessTable()
-        self.waiters: dict[str, anyio.Event] = {}
-        self.acks: dict[str, P.Ack] = {}
+        self.waiters: dict[str, _Waiter] = {}
+        self.session_waiters: dict[str, list[anyio.Event]] = {}
         self.dropped_frames = 0
         self.started = time.time()
         self._send_lock = anyio.Lock()
@@ -296,7 +307,7 @@ class Router:
         tg = self._tg
         if isinstance(msg, P.Hello):
             tg.start_soon(self._on_hello, rid, msg)
-        elif isinstance(msg, (P.Ping, P.Ack, P.Bye)):
+        elif isinstance(msg, (P.Ping, P.Ack, P.Bye, P.HookEvent)):
             peer = self.table.seen(rid)
             if peer is None:
                 tg.start_soon(self._send, rid, P.Disconnect(reason="unknown peer; send HELLO"))
@@ -309,6 +320,8 @@ class Router:
                 tg.start_soon(self._send, rid, P.Pong())
             elif isinstance(msg, P.Ack):
                 self._on_ack(peer.slot, msg)
+            elif isinstance(msg, P.HookEvent):
+                self._on_hook_event(peer, msg)
             else:
                 self.table.remove(rid)
                 self.publish("heartbeat", peer.slot, state="gone")
@@ -348,11 +361,27 @@ class Router:
         await self._send(rid, P.Welcome(heartbeat_ms=slot.heartbeat_ms, liveness=slot.liveness))
 
     def _on_ack(self, slot: str, ack: P.Ack) -> None:
-        ev = self.waiters.get(ack.id)
-        if ev is None:
+        w = self.waiters.get(ack.id)
+        if w is None or w.slot != slot:
             return
-        self.acks[ack.id] = ack
-        ev.set()
+        if ack.stage == "queued":
+            if w.queued_at is None:
+                w.queued_at = time.monotonic()
+            w.queued_ack = True
+            w.changed.set()
+            return
+        w.ack = ack
+        w.accepted.set()
+        w.changed.set()
+
+    def _on_hook_event(self, peer: Any, ev: P.HookEvent) -> None:
+        """A hook event forwarded by a sidecar: publish it; a session-start confirms resets."""
+        self.publish("hook", peer.slot, event=ev.event, source=ev.source, session_id=ev.session_id,
+                     markers=ev.markers)
+        if ev.event == "session-start":
+            peer.session_id = ev.session_id or peer.session_id
+            for w in self.session_waiters.get(peer.slot, []):
+                w.set()
 
     async def _sweeper(self) -> None:
         while True:
@@ -414,17 +443,149 @@ class Router:
                 self.ensure_sidecar(name)
                 self.publish("slot", name, event="restarted", pid=info.pid)
                 return {"slot": name, "pid": info.pid, "alive": info.alive}
-            # RESET
-            adapter = get_adapter(slot.runtime)
-            if adapter.reset_command is None:
-                raise RequestError("no-reset", f"runtime {slot.runtime!r} has no reset command; use `fleet restart {name}`")
-            await self.transport.deliver(name, adapter.reset_command, adapter.submit)
-            self.publish("slot", name, event="reset", command=adapter.reset_command)
-            return {"slot": name, "reset_command": adapter.reset_command}
+            if msg.kind == "INTERRUPT":
+                return await self.interrupt(slot, msg.timeout_s or self.fleet.roster.bus.verify_timeout_s)
+            return await self.reset(slot, msg.timeout_s or self.fleet.roster.bus.verify_timeout_s)
         except SlotNotFound:
             raise RequestError("slot-down", f"slot {name!r} is not running (run `fleet start {name}`)") from None
         except TransportError as e:
             raise RequestError("transport", str(e)) from None
+
+    async def _settle_prompt(self, slot: Slot, adapter: Any) -> tuple[Any, str | None]:
+        """Look again, for up to PROMPT_SETTLE_S, at a pane whose input line is not found or not
+        empty. tmux 3.3a ignores synchronized output, so a capture can catch a TUI mid-frame with
+        the cursor elsewhere (pi 0.73.1 draws a frame, then moves the cursor back to its editor;
+        opencode 1.18.33 redraws its sidebar) or blank (opencode right after a first prompt).
+        Returns as soon as the input line is empty, or when two readings 0.1 s apart show the
+        same text (a human's draft stays), else at the deadline (no prompt: a program runs).
+        Returns ``(screen, typed_text)``; typed_text None: no prompt."""
+        deadline = time.monotonic() + PROMPT_SETTLE_S
+        previous: str | None = None
+        while True:
+            await anyio.sleep(0.1)
+            screen = await self.transport.screen(slot.name)
+            typed = None if screen.dead else verify.typed_text(adapter, screen)
+            if typed == "" or screen.dead or time.monotonic() >= deadline:
+                return screen, typed
+            if typed is not None and typed == previous:
+                return screen, typed
+            previous = typed
+
+    def _is_busy(self, slot: Slot, adapter: Any, screen: Any) -> bool:
+        """A turn is running: the sidecar's hook state says so, or the adapter's busy indicator
+        shows; for a runtime with neither (a shell), the pane is not at its prompt."""
+        peer = self.table.peers.get(slot.name)
+        if adapter.busy is not None and verify.is_busy(adapter, screen):
+            return True
+        if adapter.has_hook and peer is not None and not peer.stale and adapter.busy is None:
+            return peer.state == "busy"
+        return verify.typed_text(adapter, screen) is None
+
+    async def interrupt(self, slot: Slot, timeout_s: float) -> dict[str, Any]:
+        """Stop the current turn with the adapter's interrupt key and confirm the slot is idle.
+
+        No key is sent when the slot is already idle. Idle means: the busy indicator is gone
+        and the pane is at its prompt (for a hook runtime without a busy indicator, its hook
+        state is no longer ``busy``). Runtimes that report no turn end for an interrupt (Claude
+        Code's Stop hook does not fire) get a ``turn-end`` with source ``interrupt`` injected
+        into their sidecar so heartbeats say ``idle``.
+
+        Returns ``{"slot", "key", "was_busy", "idle", "waited_ms"}``; raises
+        RequestError("still-busy") when the slot is not idle after ``timeout_s`` s.
+        """
+        from fleetbus.agents.hook import send_hook
+
+        adapter = get_adapter(slot.runtime)
+        t0 = time.monotonic()
+        screen = await self.transport.screen(slot.name)
+        if screen.dead:
+            raise RequestError("slot-dead", f"slot {slot.name!r}: its program has exited")
+        was_busy = self._is_busy(slot, adapter, screen)
+        if was_busy:
+            for n in range(adapter.interrupt_presses):
+                if n:
+                    await anyio.sleep(0.2)
+                await self.transport.send_keys(slot.name, adapter.interrupt_key)
+        idle = not was_busy
+        deadline = t0 + timeout_s
+        while not idle and time.monotonic() < deadline:
+            await anyio.sleep(0.05)
+            idle = not self._is_busy(slot, adapter, await self.transport.screen(slot.name))
+        if not idle:
+            raise RequestError("still-busy", f"{slot.name!r} is still busy {timeout_s:g} s after {adapter.interrupt_key}")
+        peer = self.table.peers.get(slot.name)
+        if adapter.has_hook and peer is not None and peer.state == "busy":
+            await anyio.to_thread.run_sync(lambda: send_hook("turn-end", source="interrupt",
+                                                             path=str(self.paths.hook_socket(slot.name))))
+        self.publish("slot", slot.name, event="interrupted", was_busy=was_busy)
+        return {"slot": slot.name, "key": adapter.interrupt_key, "was_busy": was_busy, "idle": True,
+                "waited_ms": round((time.monotonic() - t0) * 1000, 1)}
+
+    async def reset(self, slot: Slot, timeout_s: float) -> dict[str, Any]:
+        """Submit the adapter's reset command and confirm it (see :attr:`Adapter.reset_event`).
+
+        Refused while a turn runs (``busy``: interrupt first) or when the pane is not at its
+        prompt. Text left in the input line is cleared first. Returns ``{"slot",
+        "reset_command", "confirmed", "evidence", "session_id", "latency_ms"}``; ``evidence`` is
+        ``session-start`` (the runtime's own event) or ``screen``; ``confirmed`` is False when
+        no evidence came within ``timeout_s`` s.
+        """
+        adapter = get_adapter(slot.runtime)
+        if adapter.reset_command is None:
+            raise RequestError("no-reset", f"runtime {slot.runtime!r} has no reset command; use `fleet restart {slot.name}`")
+        t0 = time.monotonic()
+        screen = await self.transport.screen(slot.name)
+        if screen.dead:
+            raise RequestError("slot-dead", f"slot {slot.name!r}: its program has exited")
+        typed = verify.typed_text(adapter, screen)
+        if typed != "":
+            screen, typed = await self._settle_prompt(slot, adapter)
+        if typed is None:
+            raise RequestError("no-prompt", f"{slot.name!r} is not at its prompt; nothing was typed")
+        if self._is_busy(slot, adapter, screen):
+            raise RequestError("busy", f"{slot.name!r} is in a turn; run `fleet interrupt {slot.name}` first")
+        if typed:
+            await self.transport.send_keys(slot.name, *adapter.clear_keys)
+            await anyio.sleep(0.2)
+        peer = self.table.peers.get(slot.name)
+        by_event = adapter.reset_event == "session-start" and adapter.has_hook and peer is not None and not peer.stale
+        ev = anyio.Event()
+        self.session_waiters.setdefault(slot.name, []).append(ev)
+        confirmed, evidence = False, None
+        try:
+            await self.transport.deliver(slot.name, adapter.reset_command, adapter.submit)
+            deadline = t0 + timeout_s
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._resubmit_if_draft, slot, adapter, adapter.reset_command)
+                with anyio.move_on_after(timeout_s):
+                    if by_event:
+                        await ev.wait()
+                        confirmed, evidence = True, "session-start"
+                    else:
+                        while time.monotonic() < deadline:
+                            scr = await self.transport.screen(slot.name)
+                            if adapter.reset_screen is not None and adapter.reset_screen.search("\n".join(scr.lines)):
+                                confirmed, evidence = True, "screen"
+                                break
+                            await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+        finally:
+            self.session_waiters[slot.name].remove(ev)
+        peer = self.table.peers.get(slot.name)
+        self.publish("slot", slot.name, event="reset", command=adapter.reset_command, confirmed=confirmed)
+        return {"slot": slot.name, "reset_command": adapter.reset_command, "confirmed": confirmed,
+                "evidence": evidence, "session_id": peer.session_id if peer and evidence == "session-start" else None,
+                "latency_ms": round((time.monotonic() - t0) * 1000, 1)}
+
+    async def _resubmit_if_draft(self, slot: Slot, adapter: Any, text: str) -> None:
+        """After DRAFT_CHECK_S, send the one extra submit key if ``text`` still sits in the input line
+        (opencode 1.18.33 can take Enter before it inserts a paste)."""
+        await anyio.sleep(DRAFT_CHECK_S)
+        try:
+            if verify.typed_text(adapter, await self.transport.screen(slot.name)) == text:
+                await self.transport.send_keys(slot.name, adapter.submit.key)
+        except (SlotNotFound, TransportError):
+            pass
 
     async def handle_send(self, req: P.SendRequest) -> dict[str, Any]:
         return (await self.send(req)).model_dump()
@@ -455,6 +616,8 @@ class Router:
         if screen.dead:
             return result("rejected", code="slot-dead", detail=f"slot {slot.name!r}: its program has exited (see `fleet ps`)")
         typed = verify.typed_text(adapter, screen)
+        if typed != "":
+            screen, typed = await self._settle_prompt(slot, adapter)
         if typed is None:
             return result("rejected", code="no-prompt",
                           detail=f"{slot.name!r} is not at its prompt (a program may be running in it, or it "
@@ -477,8 +640,9 @@ class Router:
         text = adapter.frame(body, msg_id, req.sender, slot.name)
         peer = self.table.peers.get(slot.name)
         use_ack = adapter.has_hook and peer is not None and not peer.stale
-        ev = anyio.Event()
-        self.waiters[msg_id] = ev
+        was_busy = (peer is not None and peer.state == "busy") or verify.is_busy(adapter, screen)
+        w = _Waiter(slot.name, msg_id, t0)
+        self.waiters[msg_id] = w
         try:
             if peer is not None:
                 await self._send(peer.routing_id, P.Expect(id=msg_id, marker=mk))
@@ -489,44 +653,108 @@ class Router:
             self.publish("message", slot.name, id=msg_id, result="injected")
             if not req.verify:
                 return result("injected", id=msg_id)
-            timeout = req.timeout_s or self.fleet.roster.bus.verify_timeout_s
+            timeout = req.timeout_s or (P.QUEUE_TIMEOUT_S if req.wait == "accepted"
+                                        else self.fleet.roster.bus.verify_timeout_s)
             deadline = t0 + timeout
-            retries = 0
             if use_ack:
-                # one look at the pane after DRAFT_CHECK_S: a message still sitting in the input line
-                # lost its submit key (seen with Claude Code 2.1.197 right after start-up), so send
-                # the one extra submit key now instead of at the deadline
-                async def wait_ack(until: float) -> None:
-                    with anyio.move_on_after(max(0.0, until - time.monotonic())):
-                        await ev.wait()
-
-                await wait_ack(min(deadline, time.monotonic() + DRAFT_CHECK_S))
-                if not ev.is_set() and time.monotonic() < deadline:
-                    if verify.classify(adapter, await self.transport.screen(slot.name), mk) == "draft":
-                        await self.transport.send_keys(slot.name, adapter.submit.key)
-                        retries = 1
-                    await wait_ack(deadline)
-                if ev.is_set():
-                    return result("accepted", id=msg_id, evidence="runtime-ack", submit_retries=retries)
+                r = await self._verify_by_ack(slot, adapter, mk, w, req, deadline, was_busy, result)
             else:
-                while time.monotonic() < deadline:
-                    scr = await self.transport.screen(slot.name, history=HISTORY_ROWS)
-                    if verify.classify(adapter, scr, mk) == "accepted":
-                        return result("accepted", id=msg_id, evidence="pane-diff", detail="" if not adapter.has_hook
-                                      else "sidecar not connected: verified by pane diff")
-                    await anyio.sleep(POLL_S)
-            return await self._final_verdict(slot, adapter, mk, msg_id, ev, use_ack, result, retries)
+                r = await self._verify_by_pane(slot, adapter, mk, w, req, deadline, result)
+            return r or await self._final_verdict(slot, adapter, mk, msg_id, w, use_ack, result)
         finally:
             self.waiters.pop(msg_id, None)
-            self.acks.pop(msg_id, None)
 
-    async def _final_verdict(self, slot: Slot, adapter: Any, mk: str, msg_id: str, ev: anyio.Event, use_ack: bool,
-                             result: Any, retries: int = 0) -> P.SendResult:
+    async def _verify_by_ack(self, slot: Slot, adapter: Any, mk: str, w: _Waiter, req: P.SendRequest,
+                             deadline: float, was_busy: bool, result: Any) -> P.SendResult | None:
+        """Wait for the runtime's ack. One look at the pane after DRAFT_CHECK_S: a message still in
+        the input line lost its submit key (seen with Claude Code 2.1.197 right after start-up) and
+        gets the one extra key; a busy runtime's queue indicator makes the message ``queued``.
+        While the slot was busy at send time the pane is watched for the queue indicator every
+        QUEUE_POLL_S. Returns None when the deadline passed without an answer."""
+        check_at = time.monotonic() + DRAFT_CHECK_S
+        draft_checked = False
+        watch = was_busy  # poll the pane for the queue indicator
+        while not w.accepted.is_set():
+            now = time.monotonic()
+            if now >= deadline or (w.queued_at is not None and req.wait == "queued"):
+                break
+            if w.queued_at is not None:
+                until = deadline
+            elif watch:
+                until = min(deadline, now + QUEUE_POLL_S, check_at if not draft_checked else deadline)
+            elif not draft_checked:
+                until = min(deadline, check_at)
+            else:
+                until = deadline
+            w.changed = anyio.Event()
+            with anyio.move_on_after(max(0.0, until - time.monotonic())):
+                await w.changed.wait()
+            if w.accepted.is_set() or w.queued_at is not None:
+                continue
+            due = not draft_checked and time.monotonic() >= check_at
+            if not (watch or due):
+                continue
+            try:
+                verdict = verify.classify(adapter, await self.transport.screen(slot.name), mk)
+            except SlotNotFound:
+                return None
+            if verdict == "queued":
+                w.queued_at = time.monotonic()
+            elif due:
+                draft_checked = True
+                if verdict == "draft":
+                    await self.transport.send_keys(slot.name, adapter.submit.key)
+                    w.retries = 1
+                    watch = True  # the late submit may land in a queue
+        if w.accepted.is_set():
+            ack = w.ack
+            return result("accepted", id=w.msg_id, evidence="runtime-ack", submit_retries=w.retries,
+                          session_id=ack.session_id if ack else None, queued_ms=w.queued_ms())
+        if w.queued_at is not None:
+            return result("queued", id=w.msg_id, evidence="runtime-ack" if w.queued_ack else "pane-diff",
+                          submit_retries=w.retries, queued_ms=w.queued_ms(),
+                          detail=f"{slot.name!r} is in a turn; its TUI holds the message and takes it when the "
+                                 "turn ends" + ("" if req.wait == "queued" else " (not taken before the timeout)"))
+        return None
+
+    async def _verify_by_pane(self, slot: Slot, adapter: Any, mk: str, w: _Waiter, req: P.SendRequest,
+                              deadline: float, result: Any) -> P.SendResult | None:
+        """Pane-diff: poll the screen until the marker shows above the input region. A message
+        still in the input line DRAFT_CHECK_S after typing gets the one extra submit key."""
+        check_at = time.monotonic() + DRAFT_CHECK_S
+        while time.monotonic() < deadline:
+            try:
+                scr = await self.transport.screen(slot.name, history=HISTORY_ROWS)
+            except SlotNotFound:
+                return None
+            verdict = verify.classify(adapter, scr, mk)
+            if verdict == "accepted":
+                return result("accepted", id=w.msg_id, evidence="pane-diff", queued_ms=w.queued_ms(),
+                              submit_retries=w.retries,
+                              detail="" if not adapter.has_hook else "sidecar not connected: verified by pane diff")
+            if verdict == "draft" and not w.retries and time.monotonic() >= check_at:
+                await self.transport.send_keys(slot.name, adapter.submit.key)
+                w.retries = 1
+            if verdict == "queued" and w.queued_at is None:
+                w.queued_at = time.monotonic()
+                if req.wait == "queued":
+                    return result("queued", id=w.msg_id, evidence="pane-diff", queued_ms=w.queued_ms(),
+                                  detail=f"{slot.name!r} is busy; its TUI holds the message")
+            await anyio.sleep(POLL_S)
+        return None
+
+    async def _final_verdict(self, slot: Slot, adapter: Any, mk: str, msg_id: str, w: _Waiter, use_ack: bool,
+                             result: Any) -> P.SendResult:
         """After the timeout: a draft gets one extra submit key in all (never re-typed text)."""
+        retries = w.retries
         try:
             verdict = verify.classify(adapter, await self.transport.screen(slot.name, history=HISTORY_ROWS), mk)
         except SlotNotFound:
             return result("unconfirmed", id=msg_id, detail=f"slot {slot.name!r} vanished during verification")
+        if verdict == "queued" or w.queued_at is not None and verdict != "draft":
+            return result("queued", id=msg_id, evidence="runtime-ack" if w.queued_ack else "pane-diff",
+                          submit_retries=retries, queued_ms=w.queued_ms(),
+                          detail="its TUI still holds the message after the timeout")
         if verdict == "draft" and retries:
             return result("draft", id=msg_id, submit_retries=retries,
                           detail=f"the message sits unsubmitted in the input line of {slot.name!r} "
@@ -537,11 +765,12 @@ class Router:
         await self.transport.send_keys(slot.name, adapter.submit.key)
         with anyio.move_on_after(1.0 if use_ack else 0.5):
             if use_ack:
-                await ev.wait()
+                await w.accepted.wait()
             else:
                 await anyio.sleep(0.5)
-        if ev.is_set():
-            return result("accepted", id=msg_id, evidence="runtime-ack", submit_retries=1)
+        if w.accepted.is_set():
+            return result("accepted", id=msg_id, evidence="runtime-ack", submit_retries=1,
+                          session_id=w.ack.session_id if w.ack else None)
         scr = await self.transport.screen(slot.name, history=HISTORY_ROWS)
         verdict = verify.classify(adapter, scr, mk)
         if verdict == "accepted" and not use_ack:
@@ -551,6 +780,25 @@ class Router:
                           detail=f"the message sits unsubmitted in the input line of {slot.name!r} "
                                  f"(one extra {adapter.submit.key} was sent)")
         return result("unconfirmed", id=msg_id, submit_retries=1, detail="no evidence after one extra submit key")
+
+
+class _Waiter:
+    """Verification state of one message in flight."""
+
+    def __init__(self, slot: str, msg_id: str, started: float):
+        self.slot = slot
+        self.msg_id = msg_id
+        self.accepted = anyio.Event()
+        self.changed = anyio.Event()
+        self.ack: P.Ack | None = None
+        self.started = started
+        self.queued_at: float | None = None
+        self.queued_ack = False
+        self.queued_pane = False
+        self.retries = 0
+
+    def queued_ms(self) -> float | None:
+        return None if self.queued_at is None else round((self.queued_at - self.started) * 1000, 3)
 
 
 class RequestError(Exception):

@@ -8,6 +8,7 @@ changes elsewhere on the screen never counts as acceptance.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import Literal
 
@@ -16,7 +17,7 @@ from fleetbus.transports.base import Screen
 
 MAX_INPUT_ROWS = 60
 
-PaneVerdict = Literal["accepted", "draft", "pending"]
+PaneVerdict = Literal["accepted", "queued", "draft", "pending"]
 
 
 def cell_width(text: str) -> int:
@@ -31,23 +32,38 @@ def input_region(adapter: Adapter, screen: Screen) -> tuple[int, str, bool]:
     next one (rows filling the pane width, allowing one trimmed trailing space), stopping at the
     first row that starts with the adapter's prompt. ``at_prompt`` says whether it found one.
     A submitted command whose program is still running (cursor on a fresh row below it) is
-    therefore not part of the input region.
+    therefore not part of the input region. When that walk finds no prompt and the adapter
+    declares ``continuation`` rows (a multi-line draft), the walk may also cross those; it is
+    used only if it reaches the prompt row.
     """
     lines = screen.lines
     if not lines:
         return 0, "", False
     cy = min(max(screen.cursor_y, 0), len(lines) - 1)
+    start, at_prompt = _walk(adapter, screen, cy, None)
+    if not at_prompt and adapter.continuation is not None:
+        cont_start, cont_at_prompt = _walk(adapter, screen, cy, adapter.continuation)
+        if cont_at_prompt:
+            start, at_prompt = cont_start, True
+    return start, "".join(lines[start:cy + 1]), at_prompt
+
+
+def _walk(adapter: Adapter, screen: Screen, cy: int, continuation: re.Pattern[str] | None) -> tuple[int, bool]:
+    lines = screen.lines
     start = cy
-    at_prompt = False
     for _ in range(MAX_INPUT_ROWS):
         m = adapter.prompt.match(lines[start])
         if m and m.end() > 0:
-            at_prompt = True
+            return start, True
+        if start == 0:
             break
-        if start == 0 or cell_width(lines[start - 1]) < screen.width - 1:
+        above = lines[start - 1]
+        crossable = cell_width(above) >= screen.width - 1 or (
+            continuation is not None and (continuation.search(above) is not None or adapter.prompt.match(above)))
+        if not crossable:
             break
         start -= 1
-    return start, "".join(lines[start:cy + 1]), at_prompt
+    return start, False
 
 
 def typed_text(adapter: Adapter, screen: Screen) -> str | None:
@@ -62,16 +78,40 @@ def typed_text(adapter: Adapter, screen: Screen) -> str | None:
 def classify(adapter: Adapter, screen: Screen, marker: str) -> PaneVerdict:
     """Decide from one capture whether the message with ``marker`` was taken.
 
-    - ``draft``: the marker sits in the input region (typed, not submitted);
+    - ``draft``: the marker sits in the input region (typed, not submitted), or the region shows
+      the adapter's collapsed-paste placeholder;
+    - ``queued``: the adapter's queue indicator is on screen outside the input region (the TUI
+      holds a submitted message until its turn ends);
     - ``accepted``: the marker is on screen or in the captured history, outside the input region;
-    - ``pending``: neither (blank capture, not drawn yet, or scrolled away): never acceptance.
+    - ``pending``: none of these (blank capture, not drawn yet, or scrolled away): never acceptance.
     """
     if screen.is_blank() and not any(h.strip() for h in screen.history):
         return "pending"
-    start, region, _ = input_region(adapter, screen)
-    if marker in region:
+    start, region, at_prompt = input_region(adapter, screen)
+    if marker in region or (adapter.paste_placeholder is not None and adapter.paste_placeholder.search(region)):
         return "draft"
+    if is_queued(adapter, screen):
+        return "queued"
+    if not at_prompt and adapter.marker_style == "prefix" and adapter.prompt.pattern not in ("", "^"):
+        # an agent TUI whose input line cannot be found (a multi-line draft it draws in a way the
+        # walk cannot follow, or a redraw in progress): the marker above proves nothing
+        return "pending"
     above = "".join(screen.history) + "".join(screen.lines[:start])
     if marker in above:
         return "accepted"
     return "pending"
+
+
+def is_queued(adapter: Adapter, screen: Screen) -> bool:
+    """True when the adapter's queue indicator shows on a visible row outside the input region."""
+    if adapter.queued is None:
+        return False
+    start, _, _ = input_region(adapter, screen)
+    cy = min(max(screen.cursor_y, 0), len(screen.lines) - 1) if screen.lines else 0
+    rows = screen.lines[:start] + screen.lines[cy + 1:]
+    return any(adapter.queued.search(row) for row in rows)
+
+
+def is_busy(adapter: Adapter, screen: Screen) -> bool:
+    """True when the adapter's busy indicator (a turn is running) shows on a visible row."""
+    return adapter.busy is not None and any(adapter.busy.search(row) for row in screen.lines)

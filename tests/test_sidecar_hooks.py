@@ -1,0 +1,100 @@
+"""Sidecar hook handling without a router: acks, queued acks, session correlation, JSON lines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import anyio
+import pytest
+
+from fleetbus import protocol as P
+from fleetbus.agents.sidecar import Sidecar
+from fleetbus.config import parse_roster
+from fleetbus.paths import FleetPaths
+
+MID, MID2 = "0123456789ab", "ba9876543210"
+
+
+@pytest.fixture
+def sidecar():
+    base = Path(tempfile.mkdtemp(prefix="fb-sc-", dir="/tmp"))
+    fleet = parse_roster({"version": 1, "tenant": "t", "agents": [{"name": "a", "runtime": "stub"}]})
+    paths = FleetPaths(tenant="t", state_dir=base / "state", run_dir=base / "run", tmux_socket="x")
+    paths.ensure()
+    sc = Sidecar(fleet, "a", paths)
+    yield sc
+    sc.ctx.term()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def hook(event, prompt="", session=None, source=""):
+    from fleetbus.adapters.base import find_markers
+    return P.HookEvent(event=event, markers=find_markers(prompt), session_id=session, source=source)
+
+
+def test_prompt_submit_acks_every_marker_and_keeps_them_until_sent(sidecar):
+    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID}] a and [fleet#{MID2}] b", "s1"))
+    assert [(a.id, a.stage, a.session_id) for a in sidecar.pending_acks] == [(MID, "accepted", "s1"), (MID2, "accepted", "s1")]
+    assert sidecar.state == "busy"
+    sidecar.on_hook(hook("turn-end", session="s1"))
+    assert sidecar.state == "idle"
+
+
+def test_queued_acks_are_not_kept_for_later(sidecar):
+    sidecar.on_hook(hook("prompt-queued", f"[fleet#{MID}] x", "s1"))
+    assert sidecar.pending_acks == [], "a queued ack is only useful while the sender waits"
+
+
+def test_prompt_from_a_side_session_is_ignored(sidecar):
+    sidecar.on_hook(hook("session-start", session="main", source="startup"))
+    sidecar.on_hook(hook("prompt-submit", f"title for [fleet#{MID}]", "side-thread"))
+    assert sidecar.pending_acks == [] and sidecar.side_events == 1 and sidecar.state == "idle"
+    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID}] real", "main"))
+    assert [a.id for a in sidecar.pending_acks] == [MID]
+
+
+def test_new_session_after_reset_is_followed(sidecar):
+    sidecar.on_hook(hook("session-start", session="one"))
+    sidecar.on_hook(hook("session-start", session="two", source="clear"))
+    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID}] after clear", "two"))
+    assert [a.session_id for a in sidecar.pending_acks] == ["two"] and sidecar.session_id == "two"
+
+
+def test_without_session_start_the_first_session_seen_is_adopted(sidecar):
+    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID}] x", "s9"))
+    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID2}] y", "other"))
+    assert len(sidecar.pending_acks) == 2, "no session was announced: nothing is treated as a side thread"
+
+
+def test_json_lines_on_the_stream_socket(sidecar):
+    async def main():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sidecar.stream_loop)
+            path = sidecar.paths.hook_stream("a")
+            with anyio.fail_after(5):
+                while not path.exists():
+                    await anyio.sleep(0.01)
+            lines = [
+                {"event": "session-start", "session_id": "ses_1", "source": "startup"},
+                "not json at all",
+                {"event": "no-such-event"},
+                {"event": "prompt-queued", "prompt": f"[fleet#{MID2}] queued", "session_id": "ses_1"},
+                {"event": "prompt-submit", "prompt": f"[fleet#{MID}] hi", "sessionID": "ses_1"},
+            ]
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(path))
+                for obj in lines:
+                    s.sendall((obj if isinstance(obj, str) else json.dumps(obj)).encode() + b"\n")
+                s.sendall(json.dumps({"event": "turn-start"}).encode())  # last line without newline
+            with anyio.fail_after(5):
+                while sidecar.state != "busy" or not sidecar.pending_acks:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        assert sidecar.session_id == "ses_1"
+        assert [(a.id, a.stage) for a in sidecar.pending_acks] == [(MID, "accepted")]
+
+    anyio.run(main, backend="asyncio")
