@@ -88,8 +88,12 @@ def rt(request, make_fleet, tmp_path):
             f"agents:\n  - {{name: {SLOT}, runtime: {case.runtime}, workdir: '{proj}', env: {json.dumps(env)}}}\n")
         fe.up()
         r = Rt(fe, model, case)
-        wait_for(lambda: re.search(case.ready, r.screen(), re.M), timeout=90, interval=0.2,
-                 what=f"{case.runtime} input line ({case.ready!r})")
+        try:
+            wait_for(lambda: re.search(case.ready, r.screen(), re.M), timeout=90, interval=0.2,
+                     what=f"{case.runtime} input line ({case.ready!r})")
+        except BaseException:
+            print(f"--- {case.runtime} screen ---\n{r.screen()}")
+            raise
         wait_for(lambda: fe.ps()[SLOT].heartbeat == "healthy", timeout=30, what="sidecar heartbeat")
         yield r
     for f, content in before.items():

@@ -153,7 +153,9 @@ GEMINI = Adapter(
     reset_command="/clear",
     interrupt_key="Escape",
     marker_style="prefix",
-    env={"GEMINI_CLI_NO_RELAUNCH": "true"},
+    # one process (SIGTERM ends it); CI=false: with CI set (inherited from a CI job that started the
+    # fleet) Gemini CLI 0.61.0 runs non-interactively and exits 42 ("No input provided via stdin")
+    env={"GEMINI_CLI_NO_RELAUNCH": "true", "CI": "false"},
     placeholders=("Type your message or", "Press 'Esc' for NORMAL mode.",
                   "Press 'i' for INSERT mode."),
     hook_setup=_hooks,
