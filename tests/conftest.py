@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
+import anyio
+
 from fleetbus import ops
+from fleetbus.client import Client
 from fleetbus.config import Fleet, load_roster
 from fleetbus.paths import FleetPaths, fleet_paths
 from fleetbus.router import procs
@@ -70,6 +73,13 @@ class FleetEnv:
 
     def ps(self) -> dict:
         return {r.slot: r for r in ops.ps(self.fleet, self.paths)}
+
+    def send(self, slot: str, body: str, **kw):
+        """``Client.send`` through this fleet's router, from synchronous test code."""
+        async def main():
+            async with Client(self.fleet, self.paths) as c:
+                return await c.send(slot, body, **kw)
+        return anyio.run(main, backend="asyncio")
 
     def tmux_cmd(self, *args: str) -> str:
         return self.tmux.run_sync(*args)

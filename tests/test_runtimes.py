@@ -16,13 +16,11 @@ import re
 import signal
 from dataclasses import dataclass
 
-import anyio
 import psutil
 import pytest
 
 from conftest import FleetEnv, needs_tmux, wait_for
 from fleetbus.adapters import get_adapter
-from fleetbus.client import Client
 from mockmodel import MockModel
 from runtime_cases import RuntimeCase, cases
 
@@ -46,10 +44,7 @@ class Rt:
     case: RuntimeCase
 
     def send(self, body: str, **kw):
-        async def main():
-            async with Client(self.fe.fleet, self.fe.paths) as c:
-                return await c.send(SLOT, body, **kw)
-        return anyio.run(main, backend="asyncio")
+        return self.fe.send(SLOT, body, **kw)
 
     def screen(self) -> str:
         return self.fe.tmux_cmd("capture-pane", "-p", "-t", f"={SLOT}:0.0")

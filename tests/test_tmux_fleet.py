@@ -13,7 +13,6 @@ import psutil
 import pytest
 from conftest import needs_tmux, wait_for
 
-from fleetbus.client import Client
 from fleetbus.router import procs
 
 pytestmark = [needs_tmux, pytest.mark.tmux]
@@ -30,10 +29,7 @@ BASIC = roster("t1", "{name: a, runtime: stub, class: reviewer}", "{name: a0, ru
 
 
 def send(fe, slot, body, **kw):
-    async def main():
-        async with Client(fe.fleet, fe.paths) as c:
-            return await c.send(slot, body, **kw)
-    return anyio.run(main, backend="asyncio")
+    return fe.send(slot, body, **kw)
 
 
 def screen_text(fe, slot) -> str:

@@ -58,6 +58,14 @@ class HookSetup:
     files: dict[str, str] = field(default_factory=dict)
 
 
+def command_hooks(hook_cmd: str, events: dict[str, str], **fields: object) -> dict[str, list]:
+    """The ``hooks`` mapping of a runtime whose settings use Claude Code's shape (Claude Code,
+    Gemini CLI): runtime event -> one matcher group running ``<hook_cmd> <fleetbus event>``.
+    ``fields`` are added to each hook (``timeout`` is in s for Claude Code, ms for Gemini CLI)."""
+    return {event: [{"hooks": [{**fields, "type": "command", "command": f"{hook_cmd} {ours}"}]}]
+            for event, ours in events.items()}
+
+
 @dataclass(frozen=True)
 class Adapter:
     """Description of one runtime.

@@ -17,18 +17,13 @@ Facts (Claude Code 2.1.197 in tmux 3.3a, checked here against the mock model ser
 import json
 import re
 
-from fleetbus.adapters.base import Adapter, HookSetup, SubmitProfile
+from fleetbus.adapters.base import Adapter, HookSetup, SubmitProfile, command_hooks
 
 _EVENTS = {"UserPromptSubmit": "prompt-submit", "Stop": "turn-end", "SessionStart": "session-start"}
 
 
 def _hooks(hook_cmd: str) -> HookSetup:
-    settings = {
-        "hooks": {
-            event: [{"hooks": [{"type": "command", "command": f"{hook_cmd} {ours}", "timeout": 10}]}]
-            for event, ours in _EVENTS.items()
-        }
-    }
+    settings = {"hooks": command_hooks(hook_cmd, _EVENTS, timeout=10)}
     return HookSetup(args=("--settings", "{slot_dir}/claude-settings.json"),
                      files={"claude-settings.json": json.dumps(settings, indent=2)})
 

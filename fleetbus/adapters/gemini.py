@@ -67,7 +67,7 @@ written, stays byte-identical and is still the settings file Gemini reads):
 import json
 import re
 
-from fleetbus.adapters.base import Adapter, HookSetup, SubmitProfile
+from fleetbus.adapters.base import Adapter, HookSetup, SubmitProfile, command_hooks
 
 _EVENTS = {"SessionStart": "session-start", "BeforeAgent": "prompt-submit", "AfterAgent": "turn-end"}
 EXTENSION = "fleetbus-ack"
@@ -131,13 +131,7 @@ def _preload() -> str:
 
 
 def _hooks(hook_cmd: str) -> HookSetup:
-    hooks = {
-        "hooks": {
-            event: [{"hooks": [{"name": EXTENSION, "type": "command", "command": f"{hook_cmd} {ours}",
-                                "timeout": 10000}]}]
-            for event, ours in _EVENTS.items()
-        }
-    }
+    hooks = {"hooks": command_hooks(hook_cmd, _EVENTS, name=EXTENSION, timeout=10000)}
     return HookSetup(env={"NODE_OPTIONS": f'--require "{{slot_dir}}/{PRELOAD}"'},
                      files={PRELOAD: _preload(), HOOKS: json.dumps(hooks, indent=2)})
 

@@ -73,6 +73,11 @@ def parse_payload(raw: str) -> tuple[str, str | None, str]:
         return raw, None, ""
     if not isinstance(payload, dict):
         return raw, None, ""
+    return payload_fields(payload)
+
+
+def payload_fields(payload: dict) -> tuple[str, str | None, str]:
+    """``(prompt, session_id, source)`` of an already decoded hook payload (see :func:`parse_payload`)."""
     prompt = payload.get("prompt") or payload.get("text") or ""
     session = payload.get("session_id") or payload.get("sessionID")
     source = payload.get("source") or payload.get("reason") or ""

@@ -36,7 +36,7 @@ import zmq.asyncio
 
 from fleetbus import protocol as P
 from fleetbus.adapters.base import find_markers
-from fleetbus.agents.hook import EVENTS, parse_payload
+from fleetbus.agents.hook import EVENTS, payload_fields
 from fleetbus.config import Fleet
 from fleetbus.paths import FleetPaths, fleet_paths
 from fleetbus.router.procs import write_pidfile
@@ -282,7 +282,7 @@ class Sidecar:
             obj = json.loads(line.decode("utf-8", "replace"))
             if not isinstance(obj, dict) or obj.get("event") not in EVENTS:
                 raise ValueError(f"unknown event {obj.get('event') if isinstance(obj, dict) else obj!r}")
-            prompt, session, source = parse_payload(json.dumps(obj))
+            prompt, session, source = payload_fields(obj)
             ev = P.HookEvent(event=obj["event"], slot=self.slot.name, runtime=self.slot.runtime,
                              session_id=session, source=source[:40], markers=find_markers(prompt),
                              prompt_head=prompt[:200])

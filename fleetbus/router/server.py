@@ -660,7 +660,7 @@ class Router:
                 r = await self._verify_by_ack(slot, adapter, mk, w, req, deadline, was_busy, result)
             else:
                 r = await self._verify_by_pane(slot, adapter, mk, w, req, deadline, result)
-            return r or await self._final_verdict(slot, adapter, mk, msg_id, w, use_ack, result)
+            return r or await self._final_verdict(slot, adapter, mk, w, use_ack, result)
         finally:
             self.waiters.pop(msg_id, None)
 
@@ -743,10 +743,12 @@ class Router:
             await anyio.sleep(POLL_S)
         return None
 
-    async def _final_verdict(self, slot: Slot, adapter: Any, mk: str, msg_id: str, w: _Waiter, use_ack: bool,
+    async def _final_verdict(self, slot: Slot, adapter: Any, mk: str, w: _Waiter, use_ack: bool,
                              result: Any) -> P.SendResult:
         """After the timeout: a draft gets one extra submit key in all (never re-typed text)."""
-        retries = w.retries
+        msg_id, retries = w.msg_id, w.retries
+        draft_detail = (f"the message sits unsubmitted in the input line of {slot.name!r} "
+                        f"(one extra {adapter.submit.key} was sent)")
         try:
             verdict = verify.classify(adapter, await self.transport.screen(slot.name, history=HISTORY_ROWS), mk)
         except SlotNotFound:
@@ -756,9 +758,7 @@ class Router:
                           submit_retries=retries, queued_ms=w.queued_ms(),
                           detail="its TUI still holds the message after the timeout")
         if verdict == "draft" and retries:
-            return result("draft", id=msg_id, submit_retries=retries,
-                          detail=f"the message sits unsubmitted in the input line of {slot.name!r} "
-                                 f"(one extra {adapter.submit.key} was sent)")
+            return result("draft", id=msg_id, submit_retries=retries, detail=draft_detail)
         if verdict != "draft":
             return result("unconfirmed", id=msg_id, submit_retries=retries,
                           detail="no runtime ack and no pane evidence before the timeout")
@@ -776,9 +776,7 @@ class Router:
         if verdict == "accepted" and not use_ack:
             return result("accepted", id=msg_id, evidence="pane-diff", submit_retries=1)
         if verdict == "draft":
-            return result("draft", id=msg_id, submit_retries=1,
-                          detail=f"the message sits unsubmitted in the input line of {slot.name!r} "
-                                 f"(one extra {adapter.submit.key} was sent)")
+            return result("draft", id=msg_id, submit_retries=1, detail=draft_detail)
         return result("unconfirmed", id=msg_id, submit_retries=1, detail="no evidence after one extra submit key")
 
 
@@ -794,7 +792,6 @@ class _Waiter:
         self.started = started
         self.queued_at: float | None = None
         self.queued_ack = False
-        self.queued_pane = False
         self.retries = 0
 
     def queued_ms(self) -> float | None:

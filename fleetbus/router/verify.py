@@ -90,7 +90,7 @@ def classify(adapter: Adapter, screen: Screen, marker: str) -> PaneVerdict:
     start, region, at_prompt = input_region(adapter, screen)
     if marker in region or (adapter.paste_placeholder is not None and adapter.paste_placeholder.search(region)):
         return "draft"
-    if is_queued(adapter, screen):
+    if _queued_outside(adapter, screen, start):
         return "queued"
     if not at_prompt and adapter.marker_style == "prefix" and adapter.prompt.pattern not in ("", "^"):
         # an agent TUI whose input line cannot be found (a multi-line draft it draws in a way the
@@ -104,9 +104,13 @@ def classify(adapter: Adapter, screen: Screen, marker: str) -> PaneVerdict:
 
 def is_queued(adapter: Adapter, screen: Screen) -> bool:
     """True when the adapter's queue indicator shows on a visible row outside the input region."""
+    return adapter.queued is not None and _queued_outside(adapter, screen, input_region(adapter, screen)[0])
+
+
+def _queued_outside(adapter: Adapter, screen: Screen, start: int) -> bool:
+    """The queue indicator on a visible row above ``start`` or below the cursor row."""
     if adapter.queued is None:
         return False
-    start, _, _ = input_region(adapter, screen)
     cy = min(max(screen.cursor_y, 0), len(screen.lines) - 1) if screen.lines else 0
     rows = screen.lines[:start] + screen.lines[cy + 1:]
     return any(adapter.queued.search(row) for row in rows)
