@@ -3,15 +3,21 @@
 Exit codes (stable):
 
 ====  =====================================================================================
-0     success; ``send``: ``accepted``, ``queued`` (the busy runtime's TUI holds it; use
-      ``--wait accepted`` to wait until the runtime takes it), or ``injected`` without ``--verify``
+0     success; ``send``: ``accepted``, ``queued`` (held by the busy runtime's TUI, use ``--wait
+      accepted`` to wait until the runtime takes it; or held by fleetbus's journal: ``--no-wait``,
+      or ``--when available`` while the slot is down), or ``injected`` without ``--verify``
 1     ``send``: ``draft`` or ``unconfirmed``; ``reset`` not confirmed; ``interrupt``: still busy;
       another command could not finish its work
 2     usage or configuration error (bad arguments, invalid roster, unreadable input)
 3     rejected: unknown slot, slot not running or dead, invalid message, busy input line,
-      not at its prompt, ``reset`` during a turn
+      not at its prompt, ``reset`` during a turn, idempotency key reused for another message;
+      ``send``: ``dead-letter`` (its TTL ended before the slot was available)
 4     the router is not running or does not answer
 ====  =====================================================================================
+
+``keys``: 2 for an invalid key name or an unreadable or unsafe key file; 3 when ``revoke`` names
+no key or ``create`` a name already used (nothing is changed). ``sidecar``: 2 when a ``tcp://``
+router lacks ``--key``/``--router-key`` or a key file is unreadable.
 
 Imports are deferred into each command so ``fleet hook`` (run by runtime hooks on every prompt)
 starts without loading pydantic or ZeroMQ.
@@ -69,13 +75,25 @@ def _run(coro_fn, *a):
         raise CliError(str(e), EXIT_NO_ROUTER) from None
 
 
+#: request field -> the option that sets it, for errors about a request built from bad options
+_OPTION_OF = {"timeout_s": "--timeout", "ttl_s": "--ttl", "sender": "--from", "idempotency_key": "--key",
+              "to": "SLOT", "slot": "SLOT"}
+
+
 def _client_call(fleet, fn):
+    from pydantic import ValidationError
+
     from fleetbus.client import RouterUnavailable, SyncClient
 
     try:
         return SyncClient(fleet).call(fn)
     except RouterUnavailable as e:
         raise CliError(str(e), EXIT_NO_ROUTER) from None
+    except ValidationError as e:  # the request could not even be built: nothing was sent
+        err = e.errors(include_url=False)[0]
+        field = ".".join(map(str, err["loc"]))
+        raise CliError(f"{_OPTION_OF.get(field, field)}: {err['msg']} (got {err.get('input')!r}); nothing was sent",
+                       EXIT_USAGE) from None
 
 
 def _slot_checked(fleet, slot: str) -> None:
@@ -106,7 +124,7 @@ def cmd_router(args: argparse.Namespace) -> int:
 
     import anyio
 
-    from fleetbus.router.server import Router, RouterAlreadyRunning
+    from fleetbus.router.server import Router, RouterAlreadyRunning, RouterBindError
 
     fleet = _fleet(args)
     _paths(fleet)
@@ -129,7 +147,7 @@ def cmd_router(args: argparse.Namespace) -> int:
 
     try:
         anyio.run(main, backend="asyncio")
-    except* RouterAlreadyRunning as group:
+    except* (RouterAlreadyRunning, RouterBindError) as group:
         raise CliError(str(group.exceptions[0]), EXIT_FAIL) from None
     return EXIT_OK
 
@@ -143,8 +161,76 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
 
     fleet = _fleet(args)
     _slot_checked(fleet, args.slot)
+    curve = None
+    if args.router and args.router.startswith("tcp://") or args.key or args.router_key:
+        from fleetbus.keys import KeysError, load_public, load_secret
+
+        if not (args.router and args.key and args.router_key):
+            raise CliError("a tcp:// router needs all of --router tcp://HOST:PORT, --key FILE (this sidecar's "
+                           ".key_secret from `fleet keys create`) and --router-key FILE (the router's router.key)",
+                           EXIT_USAGE)
+        try:
+            public, secret = load_secret(args.key)
+            curve = (public, secret, load_public(args.router_key))
+        except KeysError as e:
+            raise CliError(str(e), EXIT_USAGE) from None
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s sidecar[{args.slot}] %(levelname)s %(message)s")
-    anyio.run(Sidecar(fleet, args.slot).run, backend="asyncio")
+    anyio.run(Sidecar(fleet, args.slot, router=args.router, curve=curve).run, backend="asyncio")
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``fleet keys init|create NAME|list|revoke NAME``: CURVE keys of the tcp endpoint."""
+    from fleetbus import keys
+
+    if args.name and args.action in ("init", "list"):
+        raise CliError(f"`fleet keys {args.action}` takes no NAME", EXIT_USAGE)
+    fleet = _fleet(args)
+    paths = _paths(fleet)
+    try:
+        if args.action == "init":
+            info, created = keys.init_router_keys(paths)
+            out = {"created": created, **info.to_json()}
+            text = (f"router key {'created' if created else 'already present'}: {info.public_file}\n"
+                    f"public key {info.public_key}\n"
+                    f"copy {info.public_file} to each remote machine (fleet sidecar --router-key)")
+        elif args.action == "create":
+            if not args.name:
+                raise CliError("`fleet keys create` needs a NAME", EXIT_USAGE)
+            router, _ = keys.init_router_keys(paths)
+            info = keys.create_client(paths, args.name)
+            endpoint = fleet.roster.bus.tcp or "tcp://HOST:PORT"
+            out = {**info.to_json(), "router_public_file": router.public_file, "router_endpoint": fleet.roster.bus.tcp}
+            text = (f"client key {info.name!r} created and allowed (public key {info.public_key})\n"
+                    f"secret: {info.secret_file}\n"
+                    f"copy to the remote machine, keeping the secret private (chmod 600):\n"
+                    f"  {info.secret_file}\n  {router.public_file}\n"
+                    f"then run there: fleet sidecar SLOT --router {endpoint} --key {info.name}.key_secret "
+                    f"--router-key router.key"
+                    + ("" if fleet.roster.bus.tcp else "\n(set bus.tcp in the roster so the router listens on tcp)"))
+        elif args.action == "revoke":
+            if not args.name:
+                raise CliError("`fleet keys revoke` needs a NAME", EXIT_USAGE)
+            info, changed = keys.revoke_client(paths, args.name)
+            out = {"changed": changed, **info.to_json()}
+            text = (f"client key {info.name!r} " + ("revoked: new connections with it are refused; its secret was "
+                                                  "deleted" if changed else "was already revoked"))
+        else:
+            router, clients = keys.list_keys(paths)
+            out = {"tenant_id": fleet.tenant, "tcp": fleet.roster.bus.tcp, "keys_dir": str(paths.keys_dir),
+                   "router": router.to_json() if router else None, "clients": [c.to_json() for c in clients]}
+            from tabulate import tabulate
+
+            rows = [["router", "router", router.public_key, router.public_file]] if router else []
+            rows += [[c.name, c.status, c.public_key, c.secret_file or "-"] for c in clients]
+            head = ["NAME", "STATUS", "PUBLIC KEY", "COPY TO THE REMOTE MACHINE"]
+            text = tabulate(rows, headers=head, tablefmt="plain") if rows else "no keys (run `fleet keys init`)"
+    except keys.KeysError as e:
+        raise CliError(str(e), EXIT_REJECTED if e.kind in ("unknown", "exists") else EXIT_USAGE) from None
+    if args.json:
+        _emit_json(out)
+    else:
+        print(text)
     return EXIT_OK
 
 
@@ -189,40 +275,117 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: Most bytes ``send`` reads from ``-f``/stdin: twice the largest ``bus.max_body_bytes`` (1 MiB),
+#: since CRLF -> LF can at most halve a body; anything longer is over every roster's limit.
+MAX_READ_BYTES = 2 * 1_048_576
+
+
 def _read_body(args: argparse.Namespace) -> str:
+    """The message text of ``send``: ``-m``, ``-f FILE`` or stdin, as UTF-8.
+
+    Only what cannot reach the router is decided here: unreadable input (exit 2), bytes that
+    are not UTF-8 and input over :data:`MAX_READ_BYTES` (exit 3, nothing sent). Every other body
+    rule (size limit, control characters) is the router's :func:`fleetbus.protocol.check_body`,
+    whose rejection prints like any SEND result.
+    """
     if args.message is not None:
-        return args.message
-    try:
-        if args.file:
-            with open(args.file, "rb") as f:
-                data = f.read()
-        elif not sys.stdin.isatty():
-            data = sys.stdin.buffer.read()
-        else:
-            raise CliError("no message: give -m TEXT, -f FILE, or pipe it on stdin", EXIT_USAGE)
-    except OSError as e:
-        raise CliError(f"cannot read message: {e}", EXIT_USAGE) from None
+        try:  # argv bytes that are not UTF-8 arrive as surrogateescape code points: get the bytes back
+            data = os.fsencode(args.message)
+        except UnicodeEncodeError as e:
+            raise CliError(f"message is not UTF-8 (lone surrogate at offset {e.start}); nothing was sent",
+                           EXIT_REJECTED) from None
+    else:
+        try:
+            if args.file:
+                with open(args.file, "rb") as f:
+                    data = f.read(MAX_READ_BYTES + 1)
+            elif not sys.stdin.isatty():
+                data = sys.stdin.buffer.read(MAX_READ_BYTES + 1)
+            else:
+                raise CliError("no message: give -m TEXT, -f FILE, or pipe it on stdin", EXIT_USAGE)
+        except OSError as e:
+            raise CliError(f"cannot read message: {e}", EXIT_USAGE) from None
+    if len(data) > MAX_READ_BYTES:
+        raise CliError(f"message is over {MAX_READ_BYTES} bytes, more than any roster allows (bus.max_body_bytes, "
+                       "at most 1048576 bytes); nothing was sent", EXIT_REJECTED)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CliError(f"message is not UTF-8 (byte {e.start}); nothing was sent", EXIT_REJECTED) from None
+        raise CliError(f"message is not UTF-8 (byte 0x{data[e.start]:02X} at offset {e.start}: {e.reason}); "
+                       "nothing was sent", EXIT_REJECTED) from None
+
 
 
 def cmd_send(args: argparse.Namespace) -> int:
     fleet = _fleet(args)
     body = _read_body(args)
     _slot_checked(fleet, args.slot)
-    r = _client_call(fleet, lambda c: c.send(args.slot, body, verify=args.verify, timeout_s=args.timeout,
-                                              sender=args.sender, on_busy_input=args.on_busy_input,
-                                              wait=args.wait))
+    from fleetbus.client import RequestFailed
+
+    try:
+        r = _client_call(fleet, lambda c: c.send(args.slot, body, verify=args.verify, timeout_s=args.timeout,
+                                                  sender=args.sender, on_busy_input=args.on_busy_input,
+                                                  wait=args.wait, idempotency_key=args.key, when=args.when,
+                                                  ttl_s=args.ttl, detach=args.no_wait))
+    except RequestFailed as e:  # too large to send, or the router could not read it: nothing was typed
+        raise CliError(f"{e} [{e.code}]", EXIT_REJECTED) from None
     if args.json:
         _emit_json(r.model_dump())
     else:
         ev = f" ({r.evidence})" if r.evidence else ""
         code = f" [{r.code}]" if r.code else ""
         detail = f": {r.detail}" if r.detail else ""
-        print(f"{r.slot}: {r.result}{ev}{code} in {r.latency_ms:.1f} ms{detail}" + (f"  id={r.id}" if r.id else ""))
-    return {"accepted": EXIT_OK, "queued": EXIT_OK, "injected": EXIT_OK, "rejected": EXIT_REJECTED}.get(r.result, EXIT_FAIL)
+        held = f" (held by {r.held_by})" if r.held_by else ""
+        dup = " [duplicate: not typed again]" if r.duplicate else ""
+        print(f"{r.slot}: {r.result}{ev}{held}{code}{dup} in {r.latency_ms:.1f} ms{detail}"
+              + (f"  id={r.id}" if r.id else ""))
+    return {"accepted": EXIT_OK, "queued": EXIT_OK, "injected": EXIT_OK, "rejected": EXIT_REJECTED,
+            "dead-letter": EXIT_REJECTED}.get(r.result, EXIT_FAIL)
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    """History from the journal, read directly (works while the router is down)."""
+    from fleetbus.router.journal import Journal, JournalError
+
+    fleet = _fleet(args)
+    if args.slot is not None and args.slot not in fleet.slots:
+        _slot_checked(fleet, args.slot)
+    import socket
+
+    try:
+        j = Journal(_paths(fleet).journal, readonly=True, tenant=fleet.tenant, host=socket.gethostname())
+    except JournalError as e:
+        if args.json:
+            _emit_json([])
+            return EXIT_OK
+        print(f"fleet: {e}", file=sys.stderr)
+        return EXIT_OK
+    try:
+        rows = j.changes_of(args.id) if args.id else j.history(args.slot, args.lines)
+    finally:
+        j.close()
+    if args.json:
+        _emit_json(rows)
+        return EXIT_OK
+    import datetime
+
+    from tabulate import tabulate
+
+    def what(r: dict) -> str:
+        d = r["data"]
+        keys = ("evidence", "code", "held_by", "exit_status", "signal", "duration_s", "backoff_s", "restarts", "reason",
+                "pid", "by")
+        parts = [f"{k}={d[k]}" for k in keys if d.get(k) is not None]
+        if d.get("detail"):
+            parts.append(str(d["detail"]))
+        if d.get("last_lines"):
+            parts.append("last: " + " | ".join(str(x) for x in d["last_lines"][-3:]))
+        return "  ".join(parts)
+
+    table = [[datetime.datetime.fromtimestamp(r["at"]).strftime("%H:%M:%S.%f")[:-3], r["slot"],
+              r["id"] or "(slot)", r["state"], what(r)[:160]] for r in rows]
+    print(tabulate(table, headers=["TIME", "SLOT", "MESSAGE", "STATE", "DETAIL"], tablefmt="plain"))
+    return EXIT_OK
 
 
 def cmd_slot_op(args: argparse.Namespace) -> int:
@@ -333,6 +496,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the input line already holds text: fail (default, nothing typed) or clear it first")
     p.add_argument("--from", dest="sender", default=os.environ.get("FLEETBUS_SLOT") or "ops",
                    help="sender shown in the message tag (default: $FLEETBUS_SLOT or 'ops')")
+    p.add_argument("--key", default=None,
+                   help="idempotency key: a SEND repeating a key the journal holds is never typed again "
+                        "(default: a random key, so the client's own resends are safe)")
+    p.add_argument("--when", choices=["now", "available"], default="now",
+                   help="now (default): refuse a slot that is down, dead or not at its prompt; available: hold "
+                        "the message in the journal until the slot can take it, for --ttl seconds")
+    p.add_argument("--ttl", type=float, default=None,
+                   help="with --when available: seconds before an undelivered message becomes dead-letter "
+                        "(default: roster bus.message_ttl_s)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="answer `queued` once the router has journaled the message; follow it with `fleet log`")
+    p = add("log", cmd_log, "history of messages and slot events from the journal (works without the router)", True)
+    p.add_argument("slot", nargs="?", default=None)
+    p.add_argument("-n", "--lines", type=int, default=50, help="latest N records (default 50)")
+    p.add_argument("--id", default=None, help="every change of one message")
     p = add("tail", cmd_tail, "print the last lines of a slot's screen", True)
     p.add_argument("slot")
     p.add_argument("-n", "--lines", type=int, default=40)
@@ -355,7 +533,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     p = add("sidecar", cmd_sidecar, "run one slot's sidecar in the foreground")
     p.add_argument("slot")
+    p.add_argument("--router", default=None, metavar="ENDPOINT",
+                   help="router endpoint (default: the tenant's local socket); tcp://HOST:PORT for a remote "
+                        "router (its roster's bus.tcp) needs --key and --router-key")
+    p.add_argument("--key", default=None, metavar="FILE",
+                   help="this sidecar's secret key file (from `fleet keys create`)")
+    p.add_argument("--router-key", default=None, metavar="FILE", help="the router's public key file (router.key)")
     p.add_argument("--log-level", default="info")
+    p = add("keys", cmd_keys, "CURVE keys of the tcp endpoint for remote sidecars: init (router keypair), create "
+                              "NAME (a client keypair, allowed), list, revoke NAME", True)
+    p.add_argument("action", choices=["init", "create", "list", "revoke"])
+    p.add_argument("name", nargs="?", default=None, help="client key name (create, revoke)")
     p = add("hook", cmd_hook, "forward a runtime hook event to the slot's sidecar (reads the hook payload on stdin)")
     p.add_argument("event", choices=["prompt-submit", "prompt-queued", "turn-start", "turn-end", "session-start"])
     p.add_argument("--session-id", default=None)

@@ -26,6 +26,14 @@ from fleetbus.paths import FleetPaths, fleet_paths
 
 T = TypeVar("T")
 
+#: First resend of an unanswered idempotent SEND after this many seconds (doubling).
+RESEND_START_S = 2.0
+#: Longest gap between resends (s).
+RESEND_MAX_S = 10.0
+#: Seconds a SEND waits for its answer beyond its own timeout (queueing behind earlier
+#: messages for the same slot, a router restart).
+SEND_GRACE_S = 60.0
+
 
 class RouterUnavailable(RuntimeError):
     """The tenant's router is not running or does not answer."""
@@ -87,8 +95,13 @@ class Client:
                 box.append(msg)
                 ev.set()
 
-    async def request(self, make: Callable[[str], Any], timeout_s: float) -> Any:
+    async def request(self, make: Callable[[str], Any], timeout_s: float, resend_s: float | None = None) -> Any:
         """Send ``make(req_id)`` and return the RESULT's data.
+
+        ``resend_s``: for idempotent requests only (a SEND with an idempotency key): send the
+        same request again when no answer came within ``resend_s`` s, doubling up to
+        RESEND_MAX_S, until ``timeout_s``; a router that was restarted meanwhile answers the
+        resend (the DEALER reconnects by itself and queues frames while the router is away).
 
         Raises:
             RouterUnavailable: no answer within ``timeout_s`` seconds.
@@ -98,10 +111,21 @@ class Client:
         ev: anyio.Event = anyio.Event()
         box: list[P.Result] = []
         self._futures[req] = (ev, box)
+        frame = P.encode(make(req))
+        if len(frame) > P.MAX_FRAME_BYTES:
+            raise RequestFailed("too-large", f"request of {len(frame)} bytes exceeds the protocol limit of "
+                                             f"{P.MAX_FRAME_BYTES} bytes; nothing was sent")
         try:
-            await self.sock.send(P.encode(make(req)))
-            with anyio.move_on_after(timeout_s):
-                await ev.wait()
+            deadline = anyio.current_time() + timeout_s
+            gap = resend_s
+            await self.sock.send(frame)
+            while not ev.is_set() and anyio.current_time() < deadline:
+                wait = deadline - anyio.current_time() if gap is None else min(gap, deadline - anyio.current_time())
+                with anyio.move_on_after(max(0.0, wait)):
+                    await ev.wait()
+                if not ev.is_set() and gap is not None and anyio.current_time() < deadline:
+                    await self.sock.send(frame)
+                    gap = min(gap * 2, RESEND_MAX_S)
         finally:
             self._futures.pop(req, None)
         if not box:
@@ -113,19 +137,36 @@ class Client:
 
     async def send(self, to: str, body: str, *, verify: bool = True, timeout_s: float | None = None,
                    sender: str = "ops", on_busy_input: Literal["fail", "clear"] = "fail",
-                   wait: Literal["queued", "accepted"] = "queued") -> P.SendResult:
-        """Deliver ``body`` to slot ``to``; with ``verify`` wait up to ``timeout_s`` s for evidence.
+                   wait: Literal["queued", "accepted"] = "queued", idempotency_key: str | None = None,
+                   when: Literal["now", "available"] = "now", ttl_s: float | None = None,
+                   detach: bool = False) -> P.SendResult:
+        """Deliver ``body`` to slot ``to``; with ``verify`` wait up to ``timeout_s`` s for evidence
+        (counted from when the router starts typing it). Options as :class:`P.SendRequest`.
 
         ``wait="queued"`` answers ``queued`` as soon as the runtime's TUI is seen holding the
         message (the slot was busy); ``wait="accepted"`` waits on for the runtime's ack (default
-        timeout :data:`fleetbus.protocol.QUEUE_TIMEOUT_S`). Never raises for a rejected message:
-        the result says ``rejected`` with a ``code``.
+        timeout :data:`fleetbus.protocol.QUEUE_TIMEOUT_S`). ``detach`` answers ``queued`` once
+        the router has journaled the message.
+
+        Every SEND carries an idempotency key (``idempotency_key``, or a random one), so the
+        client resends it when the router does not answer (e.g. it was restarted) without any
+        risk of typing it twice. Never raises for a rejected message: the result says
+        ``rejected`` with a ``code``.
+
+        Raises:
+            RouterUnavailable: no answer before the timeout (plus SEND_GRACE_S).
+            RequestFailed: the request cannot be sent (``too-large``: over the 4 MiB frame
+                limit) or the router could not read it (``bad-request``).
+            pydantic.ValidationError: an option or the body breaks the protocol's rules (a lone
+                surrogate, a sender with control characters, a negative timeout); nothing was sent.
         """
+        key = idempotency_key or f"c-{secrets.token_hex(12)}"
         t = timeout_s or (P.QUEUE_TIMEOUT_S if wait == "accepted" else self.fleet.roster.bus.verify_timeout_s)
         data = await self.request(
             lambda req: P.SendRequest(req=req, to=to, body=body, sender=sender, verify=verify,
-                                      timeout_s=timeout_s, on_busy_input=on_busy_input, wait=wait),
-            t + 10.0,
+                                      timeout_s=timeout_s, on_busy_input=on_busy_input, wait=wait,
+                                      idempotency_key=key, when=when, ttl_s=ttl_s, detach=detach),
+            (self.connect_timeout_s if detach else t) + SEND_GRACE_S, resend_s=RESEND_START_S,
         )
         return P.SendResult.model_validate(data)
 

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -61,13 +62,28 @@ Name = Annotated[str, AfterValidator(_check_name)]
 
 
 def _check_env(value: dict[str, str]) -> dict[str, str]:
-    for k in value:
+    for k, v in value.items():
         if not ENV_NAME_RE.fullmatch(k):
             raise ValueError(f"environment variable names match [A-Za-z_][A-Za-z0-9_]* (got {k!r})")
+        if "\0" in v:
+            raise ValueError(f"the value of {k} contains a NUL character, which no environment can hold")
     return value
 
 
+#: ``env:`` of a slot or of ``defaults``. Values reach the runtime literally (tmux ``-e``, no
+#: shell): ``$(...)``, backticks, quotes, ``;`` and newlines stay text. NUL is refused.
 Env = Annotated[dict[str, str], AfterValidator(_check_env)]
+
+
+def _check_arg(value: str) -> str:
+    if "\0" in value:
+        raise ValueError(f"contains a NUL character, which no program argument or path can hold (got {value!r})")
+    return value
+
+
+#: A ``command`` argument or a ``workdir``: passed literally (an argv element, never a shell
+#: line; a workdir's ``#`` is escaped from tmux formats), so any text but NUL.
+Arg = Annotated[str, AfterValidator(_check_arg)]
 
 
 def _check_runtime(value: str) -> str:
@@ -77,6 +93,15 @@ def _check_runtime(value: str) -> str:
 
 
 Runtime = Annotated[str, AfterValidator(_check_runtime)]
+
+
+def _restart_policy(value: Any) -> Any:
+    # YAML 1.1 reads an unquoted `restart: no` as the boolean False
+    return "no" if value is False else value
+
+
+#: ``restart:`` of a slot: ``always``, ``on-failure`` (exit status != 0 or killed by a signal), ``no``.
+RestartPolicy = Annotated[Literal["always", "on-failure", "no"], BeforeValidator(_restart_policy)]
 
 
 class _Model(BaseModel):
@@ -96,27 +121,62 @@ class TransportConfig(_Model):
     height: int = Field(50, ge=10, le=500)
 
 
+TCP_RE = re.compile(r"tcp://(\*|[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+
+
+def _check_tcp(value: str) -> str:
+    m = TCP_RE.fullmatch(value)
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise ValueError(f"expected tcp://HOST:PORT with an IP address, host name or * and a port 1-65535 (got {value!r})")
+    return value
+
+
+#: ``bus.tcp``: the router's CURVE-secured endpoint for remote sidecars, ``tcp://HOST:PORT``.
+TcpEndpoint = Annotated[str, AfterValidator(_check_tcp)]
+
+
 class BusConfig(_Model):
     """``bus:`` heartbeat and message settings.
 
     ``heartbeat_ms`` (ms) is the sidecar ping interval; a slot is ``stale`` after
     ``heartbeat_ms × liveness`` ms of silence. ``max_body_bytes`` bounds a message body (UTF-8
-    bytes). ``verify_timeout_s`` (s) is the default ``send --verify`` timeout.
+    bytes). ``verify_timeout_s`` (s) is the default ``send --verify`` timeout. ``message_ttl_s`` (s)
+    is how long a ``send --when available`` message waits for its slot before ``dead-letter``.
+    ``tcp`` (``tcp://HOST:PORT``, optional) is where remote sidecars connect with CURVE keys.
     """
 
     heartbeat_ms: int = Field(1000, ge=50, le=60_000)
     liveness: int = Field(3, ge=1, le=100)
     max_body_bytes: int = Field(65_536, ge=64, le=1_048_576)
     verify_timeout_s: float = Field(10.0, gt=0, le=3600)
+    message_ttl_s: float = Field(3600.0, gt=0, le=30 * 86400)  # when=available: held this long (s)
+    # supervision (fleetbus.router.supervisor): the n-th restart of a slot within crash_loop_window_s (s)
+    # waits min(restart_backoff_ms × 2^(n-1), restart_backoff_max_ms) ms; more than crash_loop_restarts
+    # restarts within the window stop restarting (CRASH-LOOP until an operator start/restart)
+    restart_backoff_ms: int = Field(1000, ge=10, le=3_600_000)
+    restart_backoff_max_ms: int = Field(60_000, ge=10, le=86_400_000)
+    crash_loop_restarts: int = Field(5, ge=1, le=10_000)
+    crash_loop_window_s: float = Field(300.0, gt=0, le=86_400)
+    # remote sidecars (fleetbus.router.auth): a second ROUTER socket with CURVE and an allow-list of
+    # client keys (`fleet keys`); absent: no tcp listener
+    tcp: TcpEndpoint | None = None
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "BusConfig":
+        if self.restart_backoff_max_ms < self.restart_backoff_ms:
+            raise ValueError(f"restart_backoff_max_ms ({self.restart_backoff_max_ms}) must be at least "
+                             f"restart_backoff_ms ({self.restart_backoff_ms})")
+        return self
 
 
 class Defaults(_Model):
     """``defaults:`` values every agent inherits unless it sets its own."""
 
     runtime: Runtime = "stub"
-    workdir: str | None = None
+    workdir: Arg | None = None
     env: Env = Field(default_factory=dict)
     class_: str | None = Field(None, alias="class")
+    restart: RestartPolicy = "on-failure"
 
 
 class AgentConfig(_Model):
@@ -125,12 +185,13 @@ class AgentConfig(_Model):
     name: Name
     runtime: Runtime | None = None
     class_: str | None = Field(None, alias="class")
-    workdir: str | None = None
+    workdir: Arg | None = None
     env: Env = Field(default_factory=dict)
-    command: list[str] | None = Field(None, min_length=1)
+    command: list[Arg] | None = Field(None, min_length=1)
     heartbeat_ms: int | None = Field(None, ge=50, le=60_000)
     liveness: int | None = Field(None, ge=1, le=100)
     reset_between_tasks: bool = False
+    restart: RestartPolicy | None = None
 
 
 class Roster(_Model):
@@ -171,6 +232,8 @@ class Slot(BaseModel):
         env: environment merged from defaults and the agent.
         command: launch argv override, or None for the adapter's default.
         heartbeat_ms: ping interval (ms). liveness: missed intervals before ``stale``.
+        restart: what the router does when the slot's program exits: ``always``, ``on-failure``
+            (exit status != 0 or killed by a signal) or ``no``.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -184,6 +247,7 @@ class Slot(BaseModel):
     heartbeat_ms: int
     liveness: int
     reset_between_tasks: bool = False
+    restart: str = "on-failure"
 
 
 class Fleet(BaseModel):
@@ -267,6 +331,7 @@ def parse_roster(data: Any, file: str | Path = "<roster>", base_dir: Path | None
             heartbeat_ms=a.heartbeat_ms or roster.bus.heartbeat_ms,
             liveness=a.liveness or roster.bus.liveness,
             reset_between_tasks=a.reset_between_tasks,
+            restart=a.restart or d.restart,
         )
     return Fleet(path=Path(file).resolve() if file != "<roster>" else None, tenant=tenant, roster=roster, slots=slots)
 

@@ -39,7 +39,23 @@ def ps(fleet: Fleet, paths: FleetPaths) -> list[SlotStatus]:
             pass
     transport = make_transport(fleet, paths)
     panes = anyio.run(transport.probe_all, backend="asyncio")
-    return collect_status(fleet, panes, beats_from_files(fleet, paths), source="files")
+    return collect_status(fleet, panes, beats_from_files(fleet, paths), source="files",
+                          supervision=_supervision_from_journal(fleet, paths))
+
+
+def _supervision_from_journal(fleet: Fleet, paths: FleetPaths) -> dict | None:
+    """Restart counts, last exits and CRASH-LOOP from the journal (read-only), or None without one."""
+    from fleetbus.router.journal import Journal, JournalError
+    from fleetbus.router.supervisor import status_from_journal
+
+    try:
+        journal = Journal(paths.journal, readonly=True)
+    except JournalError:
+        return None
+    try:
+        return status_from_journal(fleet, journal)
+    finally:
+        journal.close()
 
 
 def up(fleet: Fleet, paths: FleetPaths, timeout_s: float = 20.0) -> tuple[bool, list[SlotStatus]]:

@@ -2,7 +2,9 @@
 
 State (heartbeat files, logs, pid files) lives under ``$XDG_STATE_HOME/fleetbus/<tenant>/``
 (default ``~/.local/state``); sockets live in a private 0700 runtime directory,
-``$XDG_RUNTIME_DIR/fleetbus/<tenant>/`` or ``/tmp/fleetbus-<uid>/<tenant>/``.
+``$XDG_RUNTIME_DIR/fleetbus/<tenant>/`` or ``/tmp/fleetbus-<uid>/<tenant>/`` (the
+``fleetbus``/``fleetbus-<uid>`` parent is 0700 too). The tmux socket name is the roster's
+``transport.socket`` with ``-<tenant>`` appended, so two tenants never share a tmux server.
 
 ``$FLEETBUS_HOME`` redirects everything: state goes to ``$FLEETBUS_HOME/state/<tenant>/``, the
 runtime directory becomes ``/tmp/fleetbus-<uid>/<hash>/`` and the tmux socket name gets the same
@@ -35,7 +37,8 @@ class FleetPaths:
         tenant: the tenant id.
         state_dir: heartbeat files (``run/``), logs (``logs/``), pid files.
         run_dir: private (0700) directory holding the ZeroMQ ``ipc://`` and hook sockets.
-        tmux_socket: the tmux ``-L`` socket name of this fleet's private tmux server.
+        tmux_socket: the tmux ``-L`` socket name of this fleet's private tmux server
+            (``<transport.socket>-<tenant>``, or ``-<hash>`` under ``$FLEETBUS_HOME``).
     """
 
     tenant: str
@@ -81,6 +84,16 @@ class FleetPaths:
     def sidecar_pidfile(self, slot: str) -> Path:
         return self.state_dir / "run" / f"{slot}.sidecar.pid"
 
+    @property
+    def keys_dir(self) -> Path:
+        """CURVE keys of the ``tcp://`` endpoint (0700; see :mod:`fleetbus.keys` for the layout)."""
+        return self.state_dir / "keys"
+
+    @property
+    def journal(self) -> Path:
+        """The tenant's SQLite journal (messages, their state changes, slot events)."""
+        return self.state_dir / "journal.sqlite3"
+
     def slot_dir(self, slot: str) -> Path:
         """Per-slot folder for files fleetbus generates (e.g. a runtime's hook settings)."""
         return self.state_dir / "slots" / slot
@@ -97,7 +110,9 @@ class FleetPaths:
         """
         for d in (self.state_dir, self.state_dir / "run", self.state_dir / "logs"):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for d in (self.run_dir, self.run_dir / "h"):
+        # the parent (/tmp/fleetbus-<uid> or $XDG_RUNTIME_DIR/fleetbus) too: another user who
+        # owned it could rename our runtime dir away and put their own in its place
+        for d in (self.run_dir.parent, self.run_dir, self.run_dir / "h"):
             _private_dir(d)
         longest = len(str(self.run_dir / "h")) + 1 + 64 + len(".jsonl")
         if longest > MAX_SOCKET_PATH:
@@ -171,5 +186,7 @@ def fleet_paths(tenant: str, socket_name: str, env: dict[str, str] | None = None
         tenant=tenant,
         state_dir=state_home / "fleetbus" / tenant,
         run_dir=run_base / tenant,
-        tmux_socket=socket_name,
+        # per tenant: two tenants whose rosters name the same socket must never share a tmux
+        # server (one router would see, type into and kill the other tenant's slots)
+        tmux_socket=f"{socket_name}-{tenant}",
     )

@@ -31,7 +31,10 @@ def router(tmp_path):
 
 
 def send(router, to, body, **kw):
-    return anyio.run(router.send, P.SendRequest(req="r", to=to, body=body, **kw), backend="asyncio")
+    async def main():
+        async with router.delivering():
+            return await router.send(P.SendRequest(req="r", to=to, body=body, **kw))
+    return anyio.run(main, backend="asyncio")
 
 
 def test_accepted_by_pane_diff(router):
@@ -113,10 +116,12 @@ def test_queue_indicator_on_the_pane_means_queued(tmp_path):
     assert r.queued_ms is not None and r.queued_ms <= r.latency_ms
 
 
-def test_wait_accepted_keeps_waiting_and_reports_queued_at_the_deadline(tmp_path):
+def test_wait_accepted_keeps_waiting_and_is_unconfirmed_at_the_deadline(tmp_path):
     router = _claude_router(tmp_path)
     r = send(router, "cc", "while busy", wait="accepted", timeout_s=0.3)
-    assert r.result == "queued" and r.latency_ms >= 300 and "timeout" in r.detail, r
+    assert r.result == "unconfirmed" and r.latency_ms >= 300 and "not taken within 0.3 s" in r.detail, r
+    assert r.queued_ms is not None and r.queued_ms < r.latency_ms
+    assert router.journal.get(r.id).state == "unconfirmed"
 
 
 def test_interrupt_sends_the_key_only_when_busy(tmp_path):

@@ -80,7 +80,9 @@ def rt(request, make_fleet, tmp_path):
         fe = make_fleet(
             f"version: 1\ntenant: rt-{case.runtime}\ntransport: {{kind: tmux, socket: rt}}\n"
             "bus: {heartbeat_ms: 300, liveness: 3, verify_timeout_s: 30}\n"
-            f"agents:\n  - {{name: {SLOT}, runtime: {case.runtime}, workdir: '{proj}', env: {json.dumps(env)}}}\n")
+            # restart "no": the last step kills the runtime and checks DEAD (supervision has its own tests)
+            f"agents:\n  - {{name: {SLOT}, runtime: {case.runtime}, workdir: '{proj}', restart: 'no', "
+            f"env: {json.dumps(env)}}}\n")
         fe.up()
         r = Rt(fe, model, case)
         try:

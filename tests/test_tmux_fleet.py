@@ -24,7 +24,7 @@ def roster(tenant: str, *agents: str, bus: str = "") -> str:
     return "\n".join(head + ["agents:"] + [f"  - {a}" for a in agents]) + "\n"
 
 BASIC = roster("t1", "{name: a, runtime: stub, class: reviewer}", "{name: a0, runtime: stub, class: reviewer}",
-               "{name: sh0, runtime: shell}", "{name: py0, runtime: python}",
+               "{name: sh0, runtime: shell}", "{name: py0, runtime: python, restart: no}",
                bus="{heartbeat_ms: 200, liveness: 3, verify_timeout_s: 8}")
 
 
@@ -110,11 +110,14 @@ def test_dead_stale_and_router_restart(make_fleet):
     # remain-on-exit keeps the last screen (tmux 3.3a only sometimes adds its "Pane is dead" line)
     assert ">>>" in fe.cli("tail", "py0", "-n", "100").stdout
 
-    # kill a sidecar: STALE
+    # a wedged sidecar (stopped: alive, silent): STALE (a dead one is respawned: test_supervision)
     sc = procs.sidecar_pid(fe.paths, "sh0")
     assert sc is not None
-    os.kill(sc, signal.SIGKILL)
-    wait_for(lambda: "STALE" in fe.ps()["sh0"].flags, timeout=5, what="sh0 STALE")
+    os.kill(sc, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "STALE" in fe.ps()["sh0"].flags, timeout=5, what="sh0 STALE")
+    finally:
+        os.kill(sc, signal.SIGCONT)
 
     # restart the router: sidecars re-register, no slot restarts
     rpid = procs.router_pid(fe.paths)
@@ -228,7 +231,7 @@ def test_ps_json_and_router_down(make_fleet):
 
 def test_drift_and_reset(make_fleet):
     fe = make_fleet(roster("t3", "{name: s, runtime: stub}", '{name: fake, runtime: stub, command: [sleep, "300"]}',
-                            '{name: quits, runtime: shell, command: [sh, -c, "exit 3"]}'))
+                            '{name: quits, runtime: shell, restart: no, command: [sh, -c, "exit 3"]}'))
     fe.up()
     rows = fe.ps()
     assert rows["fake"].flags == [], "a command override is what the slot should run"
@@ -337,7 +340,7 @@ def test_events_on_pub_socket(make_fleet):
                 seen.append(ev.data["result"])
             if "accepted" in seen:
                 break
-        assert seen == ["injected", "accepted"], seen
+        assert seen == ["queued", "injected", "accepted"], seen  # journaled, typed, acknowledged
     finally:
         sub.close()
         ctx.term()

@@ -107,6 +107,10 @@ class Adapter:
             reset (``screen`` mode).
         continuation: regex of the rows a multi-line draft continues on (e.g. Codex indents them
             by two spaces); the input region may grow upward across them to the prompt row.
+        line_history: the pane's scrollback keeps everything typed into it (a line-oriented
+            program that never redraws, clears or uses the alternate screen). A router that died
+            while typing may then read "marker nowhere in the pane" as "never typed" and type
+            the message after its restart; for every other runtime that case is ``unconfirmed``.
     """
 
     name: str
@@ -129,6 +133,7 @@ class Adapter:
     reset_event: Literal["session-start", "screen"] = "session-start"
     reset_screen: re.Pattern[str] | None = None
     continuation: re.Pattern[str] | None = None
+    line_history: bool = False
 
     def frame(self, body: str, msg_id: str, sender: str, slot: str) -> str:
         """Return the text typed into the slot for ``body``, carrying the message marker.

@@ -21,4 +21,5 @@ STUB = Adapter(
     reset_command="/clear",
     interrupt_key="C-c",
     marker_style="prefix",
+    line_history=True,  # it only appends lines: a message typed into it stays in the scrollback
 )

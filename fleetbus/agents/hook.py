@@ -5,13 +5,18 @@ for runtimes whose hooks run a command (Claude Code, Codex, Gemini CLI). The soc
 from ``$FLEETBUS_HOOK_SOCKET``, which the transport sets in every slot's environment.
 
 A datagram to a socket nobody is bound to fails at once (``ENOENT``/``ECONNREFUSED``), and a full
-receive queue fails at once with ``EAGAIN``: either way the event is dropped, the hook returns
-False, and the runtime carries on. This module avoids pydantic so ``fleet hook`` starts fast;
+receive queue (Linux keeps 10 datagrams: ``net.unix.max_dgram_qlen``) fails at once with
+``EAGAIN``: either way the hook returns False and the runtime carries on. An event that acknowledges fleet messages (``prompt-submit``/``prompt-queued`` with a
+marker) is then appended to the slot's spool file (:func:`spool_path`, one base64 line per frame,
+0600 in the private runtime dir); the sidecar replays the spool when it (re)starts, so an ack
+is not lost while the sidecar is down. This module avoids pydantic so ``fleet hook`` starts fast;
 the frame matches :class:`fleetbus.protocol.HookEvent` (the sidecar validates it).
 """
 
 from __future__ import annotations
 
+import base64
+import errno
 import os
 import socket
 import time
@@ -21,6 +26,29 @@ import msgpack
 from fleetbus.adapters.base import find_markers
 
 EVENTS = ("prompt-submit", "prompt-queued", "turn-start", "turn-end", "session-start")
+#: Largest spool file (bytes) a hook appends to; beyond it events are dropped as before.
+MAX_SPOOL_BYTES = 16 * 1024 * 1024
+
+
+def spool_path(hook_socket: str) -> str:
+    """Spool file of the slot whose hook socket is ``hook_socket`` (``h/<slot>.sock`` ->
+    ``h/<slot>.spool``)."""
+    return hook_socket.rsplit(".", 1)[0] + ".spool"
+
+
+def _spool(path: str, data: bytes) -> bool:
+    try:
+        spool = spool_path(path)
+        if os.path.exists(spool) and os.path.getsize(spool) > MAX_SPOOL_BYTES:
+            return False
+        fd = os.open(spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, base64.b64encode(data) + b"\n")  # one write: appends never interleave
+        finally:
+            os.close(fd)
+        return True
+    except OSError:
+        return False
 
 
 def hook_frame(event: str, *, prompt: str = "", session_id: str | None = None, source: str = "", slot: str = "",
@@ -53,7 +81,12 @@ def send_hook(event: str, *, prompt: str = "", session_id: str | None = None, so
             s.setblocking(False)
             s.sendto(data, path)
         return True
-    except (OSError, ValueError):
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN) \
+                and event in ("prompt-submit", "prompt-queued") and find_markers(prompt):
+            _spool(path, data)  # the sidecar is down or behind: it replays this at its next beat
+        return False
+    except ValueError:
         return False
 
 

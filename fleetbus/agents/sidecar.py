@@ -17,18 +17,22 @@ Loop (Paranoid Pirate style, sidecar speaks first):
    ``prompt-queued`` an ``ACK{stage: queued}``; ``turn-start``/``turn-end`` set the state to
    ``busy``/``idle`` and are reported with an immediate ``PING``; every event is forwarded to
    the router as ``HOOK``. Accepted acks that cannot be sent (router down) are kept and sent
-   after the next ``WELCOME``.
+   after the next ``WELCOME``; acks sent in the last ``ACK_REPLAY_WINDOW_S`` s are sent again
+   after every ``WELCOME`` too, because a router killed with ``kill -9`` loses the frames it had
+   not read yet (the router ignores repeats).
 
 Heartbeats come from the same event loop that handles hooks, so a wedged sidecar stops beating.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import signal
 import socket
 import time
+from collections import deque
 
 import anyio
 import zmq
@@ -36,7 +40,7 @@ import zmq.asyncio
 
 from fleetbus import protocol as P
 from fleetbus.adapters.base import find_markers
-from fleetbus.agents.hook import EVENTS, payload_fields
+from fleetbus.agents.hook import EVENTS, payload_fields, spool_path
 from fleetbus.config import Fleet
 from fleetbus.paths import FleetPaths, fleet_paths
 from fleetbus.router.procs import write_pidfile
@@ -45,17 +49,33 @@ log = logging.getLogger("fleetbus.sidecar")
 
 BACKOFF_START_S = 0.25
 BACKOFF_MAX_S = 8.0
+#: Seconds of sent acks that are sent again after a (re)registration.
+ACK_REPLAY_WINDOW_S = 120.0
+#: Most acks kept for replay.
+ACK_REPLAY_MAX = 5000
 #: Longest JSON line accepted on the hook stream socket (bytes).
 MAX_STREAM_LINE = 4 * 1024 * 1024
 
 
 class Sidecar:
-    """Sidecar of ``slot`` in ``fleet``."""
+    """Sidecar of ``slot`` in ``fleet``.
 
-    def __init__(self, fleet: Fleet, slot: str, paths: FleetPaths | None = None):
+    Args:
+        paths: the tenant's paths (default: from the roster).
+        router: the router endpoint (default: the tenant's local ``ipc://`` socket); a remote
+            router's ``tcp://HOST:PORT`` (its roster's ``bus.tcp``) needs ``curve``.
+        curve: ``(public, secret, router_public)`` Z85 CURVE keys: this sidecar's keypair (from
+            ``fleet keys create``) and the router's public key; the sidecar connects as a CURVE
+            client (see :mod:`fleetbus.keys`).
+    """
+
+    def __init__(self, fleet: Fleet, slot: str, paths: FleetPaths | None = None, router: str | None = None,
+                 curve: tuple[bytes, bytes, bytes] | None = None):
         self.fleet = fleet
         self.slot = fleet.slot(slot)
         self.paths = paths or fleet_paths(fleet.tenant, fleet.roster.transport.socket)
+        self.endpoint = router or self.paths.router_endpoint
+        self.curve = curve
         self.heartbeat_ms = self.slot.heartbeat_ms
         self.liveness = self.slot.liveness
         self.state = "unknown"
@@ -63,6 +83,7 @@ class Sidecar:
         self.session_announced = False
         self.side_events = 0
         self.pending_acks: list[P.Ack] = []
+        self.recent_acks: deque[tuple[float, P.Ack]] = deque(maxlen=ACK_REPLAY_MAX)
         self.expected: dict[str, float] = {}
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
@@ -77,7 +98,12 @@ class Sidecar:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock.setsockopt(zmq.SNDHWM, 100)
-        self.sock.connect(self.paths.router_endpoint)
+        if self.curve is not None:
+            public, secret, server = self.curve
+            self.sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            self.sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            self.sock.setsockopt(zmq.CURVE_SERVERKEY, server)
+        self.sock.connect(self.endpoint)
         self.welcomed = False
 
     def _send(self, msg: P.BaseModel) -> bool:
@@ -103,6 +129,14 @@ class Sidecar:
             if not self._send(self.pending_acks[0]):
                 return
             self.pending_acks.pop(0)
+
+    def _replay_acks(self) -> None:
+        """After (re)registering, send again the accepted acks of the last ACK_REPLAY_WINDOW_S s:
+        a router killed before it read them finds them here (the router ignores repeats)."""
+        horizon = time.monotonic() - ACK_REPLAY_WINDOW_S
+        for at, ack in list(self.recent_acks):
+            if at >= horizon:
+                self._send(ack)
 
     def owns_pidfile(self) -> bool:
         """True while this slot's pid file names this process (an orphaned or duplicate sidecar
@@ -132,10 +166,14 @@ class Sidecar:
             log.info("registered with router (heartbeat %d ms, liveness %d)", msg.heartbeat_ms, msg.liveness)
             self._ping()
             self._flush_acks()
+            self._replay_acks()
         elif isinstance(msg, P.Disconnect):
             log.info("router asked to re-register: %s", msg.reason)
-            self.welcomed = False
-            self._hello()
+            # re-register at once after a router restart; a refused HELLO (another tenant, a slot
+            # not in the roster) is retried only at the next beat, never in a tight loop
+            was_welcomed, self.welcomed = self.welcomed, False
+            if was_welcomed:
+                self._hello()
         elif isinstance(msg, P.Expect):
             now = time.monotonic()
             self.expected[msg.id] = now
@@ -173,6 +211,7 @@ class Sidecar:
                             self._exit.set()
                             return
                         self.write_heartbeat()
+                        self.replay_spool()  # a hook that raced the socket's bind
                         next_beat = now + self.heartbeat_ms / 1000
                     silent = now - self.last_recv
                     if silent > self.heartbeat_ms * self.liveness / 1000:
@@ -190,6 +229,45 @@ class Sidecar:
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     # -- hooks ---------------------------------------------------------------------------------
+
+    def replay_spool(self) -> int:
+        """Acks from the hook spool (events hooks wrote while this slot's sidecar was down, see
+        :mod:`fleetbus.agents.hook`): the file is renamed, read, and each event's markers become
+        acks (sent, or kept until the next ``WELCOME``). State and session are not replayed:
+        those events are old. Returns how many events were replayed."""
+        spool = spool_path(str(self.paths.hook_socket(self.slot.name)))
+        work = spool + ".replay"
+        try:
+            os.replace(spool, work)
+        except OSError:
+            return 0
+        n = 0
+        try:
+            with open(work, "rb") as f:
+                for line in f:
+                    try:
+                        ev = P.decode(base64.b64decode(line.strip(), validate=True))
+                    except (ValueError, P.ProtocolError):
+                        continue
+                    if isinstance(ev, P.HookEvent) and ev.event in ("prompt-submit", "prompt-queued"):
+                        self._ack(ev)
+                        n += 1
+        finally:
+            os.unlink(work)
+        if n:
+            log.info("replayed %d hook event(s) from the spool", n)
+        return n
+
+    def _ack(self, ev: P.HookEvent) -> None:
+        stage = "accepted" if ev.event == "prompt-submit" else "queued"
+        for msg_id in ev.markers:
+            ack = P.Ack(id=msg_id, stage=stage, at=ev.at, session_id=ev.session_id or self.session_id)
+            if not (self.welcomed and self._send(ack)) and stage == "accepted":
+                self.pending_acks.append(ack)
+            elif stage == "accepted":
+                self.recent_acks.append((time.monotonic(), ack))
+            if stage == "accepted":
+                self.expected.pop(msg_id, None)
 
     def on_hook(self, ev: P.HookEvent) -> None:
         """Apply one hook event: acks for markers, state, session; then forward it to the router.
@@ -210,13 +288,7 @@ class Sidecar:
                 log.info("ignored %s from session %s (slot session is %s)", ev.event, ev.session_id, self.session_id)
                 return
         if ev.event in ("prompt-submit", "prompt-queued"):
-            stage = "accepted" if ev.event == "prompt-submit" else "queued"
-            for msg_id in ev.markers:
-                ack = P.Ack(id=msg_id, stage=stage, at=ev.at, session_id=ev.session_id or self.session_id)
-                if not (self.welcomed and self._send(ack)) and stage == "accepted":
-                    self.pending_acks.append(ack)
-                if stage == "accepted":
-                    self.expected.pop(msg_id, None)
+            self._ack(ev)
         new_state = {"prompt-submit": "busy", "turn-start": "busy", "turn-end": "idle",
                      "session-start": "idle"}.get(ev.event, self.state)
         if self.welcomed:
@@ -231,10 +303,12 @@ class Sidecar:
         path.unlink(missing_ok=True)
         old = os.umask(0o077)
         try:
-            sock = await anyio.create_unix_datagram_socket(local_path=path)
+            # local_mode too: the two loops' umask windows overlap across awaits (umask is per process)
+            sock = await anyio.create_unix_datagram_socket(local_path=path, local_mode=0o600)
         finally:
             os.umask(old)
         async with sock:
+            self.replay_spool()  # after binding: a hook that still failed wrote before this
             while True:
                 data, _ = await sock.receive()
                 try:
@@ -252,7 +326,7 @@ class Sidecar:
         path.unlink(missing_ok=True)
         old = os.umask(0o077)
         try:
-            listener = await anyio.create_unix_listener(path)
+            listener = await anyio.create_unix_listener(path, mode=0o600)
         finally:
             os.umask(old)
         async with listener:

@@ -12,14 +12,18 @@ It behaves like an agent TUI where it matters for delivery:
   ``prompt-queued``) and taken (``prompt-submit``) when the turn ends, as agent TUIs do; C-c ends
   the turn (``turn-end``) and drops the queue; ``/clear`` starts a new session and reports
   ``session-start``;
-- ``--ignore-enter`` models a program that never submits on Enter (the text stays a draft).
+- ``--ignore-enter`` models a program that never submits on Enter (the text stays a draft);
+- ``--record FILE`` (or ``$FLEETBUS_STUB_RECORD``) appends one JSON line ``{"at": <unix s>,
+  "session": <id>, "prompt": <text>}`` for every prompt it takes into a turn, written and flushed
+  before its ``prompt-submit`` hook: tests count deliveries from it (exactly once, none lost).
 
-Run: ``python -m fleetbus.agents.stub [--think-ms MS] [--ignore-enter]`` (``fleet-stub``).
+Run: ``python -m fleetbus.agents.stub [--think-ms MS] [--ignore-enter] [--record FILE]`` (``fleet-stub``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import select
 import signal
@@ -39,8 +43,9 @@ PROMPT = "stub> "
 class Stub:
     """The stub's state machine; ``feed`` takes terminal input, ``tick`` ends due turns."""
 
-    def __init__(self, think_ms: int, ignore_enter: bool, out=None, clock=time.monotonic):
+    def __init__(self, think_ms: int, ignore_enter: bool, out=None, clock=time.monotonic, record=None):
         self.think_ms = think_ms
+        self.record = record  # a text file (append mode) or None
         self.ignore_enter = ignore_enter
         self.out = out or sys.stdout
         self.clock = clock
@@ -83,6 +88,9 @@ class Stub:
         self.write(self.render_input())
 
     def start_turn(self, text: str) -> None:
+        if self.record is not None:
+            self.record.write(json.dumps({"at": time.time(), "session": self.session_id, "prompt": text}) + "\n")
+            self.record.flush()
         send_hook("prompt-submit", prompt=text, session_id=self.session_id)
         send_hook("turn-start", session_id=self.session_id)
         self.current = text
@@ -159,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fleet-stub", description=__doc__.split("\n\n")[0])
     ap.add_argument("--think-ms", type=int, default=100, help="time a turn takes, in ms (default 100)")
     ap.add_argument("--ignore-enter", action="store_true", help="never submit on Enter (a stuck draft)")
+    ap.add_argument("--record", default=os.environ.get("FLEETBUS_STUB_RECORD"),
+                    help="append a JSON line per prompt taken to FILE (default $FLEETBUS_STUB_RECORD)")
     args = ap.parse_args(argv)
-    stub = Stub(args.think_ms, args.ignore_enter)
+    record = open(args.record, "a", encoding="utf-8") if args.record else None
+    stub = Stub(args.think_ms, args.ignore_enter, record=record)
     fd = sys.stdin.fileno()
     old = termios.tcgetattr(fd) if os.isatty(fd) else None
     if old is not None:

@@ -8,8 +8,21 @@ clock (seconds) so tests can simulate freezes without sleeping.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class Addr(NamedTuple):
+    """Where a peer is reached: the router socket it came in on (``via``: ``"ipc"`` for the local
+    socket, ``"tcp"`` for remote sidecars) and the ZeroMQ routing id of its DEALER on that socket.
+    Replies must go out on the same socket (``Router._send(addr, msg)``)."""
+
+    via: str
+    rid: bytes
+
+    def __str__(self) -> str:
+        return f"{self.via}:{self.rid[:32]!r}"
 
 
 @dataclass
@@ -17,14 +30,15 @@ class Peer:
     """A registered sidecar.
 
     Attributes:
-        slot: slot name. routing_id: ZeroMQ routing id of its DEALER. pid: sidecar pid.
+        slot: slot name. addr: where it is reached (:class:`Addr` in the router; the table only
+        needs a hashable). pid: sidecar pid.
         heartbeat_ms: agreed interval (ms). liveness: intervals of silence before stale.
         last_seen: clock value (s) of the last inbound frame. state: runtime state from hooks.
         stale: True once expired (cleared by the next frame).
     """
 
     slot: str
-    routing_id: bytes
+    addr: Hashable
     pid: int
     adapter: str
     heartbeat_ms: int
@@ -34,6 +48,16 @@ class Peer:
     state: str = "unknown"
     session_id: str | None = None
     stale: bool = False
+
+    @property
+    def routing_id(self) -> bytes:
+        """The ZeroMQ routing id alone (for logs; send with :attr:`addr`)."""
+        return self.addr.rid if isinstance(self.addr, Addr) else self.addr  # type: ignore[return-value]
+
+    @property
+    def via(self) -> str:
+        """``"ipc"`` or ``"tcp"``: the router socket this peer uses."""
+        return self.addr.via if isinstance(self.addr, Addr) else "ipc"
 
     def expiry(self) -> float:
         return self.last_seen + self.heartbeat_ms * self.liveness / 1000
@@ -45,25 +69,26 @@ class LivenessTable:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self.peers: dict[str, Peer] = {}
-        self._by_rid: dict[bytes, str] = {}
+        self._by_rid: dict[Hashable, str] = {}
 
-    def register(self, slot: str, routing_id: bytes, pid: int, adapter: str, heartbeat_ms: int, liveness: int) -> Peer:
-        """Add or replace the peer of ``slot`` (a reconnecting sidecar replaces its old entry)."""
+    def register(self, slot: str, addr: Hashable, pid: int, adapter: str, heartbeat_ms: int, liveness: int) -> Peer:
+        """Add or replace the peer of ``slot`` (a reconnecting sidecar replaces its old entry).
+        ``addr``: where the peer is reached (:class:`Addr` in the router)."""
         old = self.peers.get(slot)
         if old is not None:
-            self._by_rid.pop(old.routing_id, None)
-        other = self._by_rid.pop(routing_id, None)
+            self._by_rid.pop(old.addr, None)
+        other = self._by_rid.pop(addr, None)
         if other is not None and other != slot:
             self.peers.pop(other, None)
         now = self.clock()
-        peer = Peer(slot, routing_id, pid, adapter, heartbeat_ms, liveness, now, now)
+        peer = Peer(slot, addr, pid, adapter, heartbeat_ms, liveness, now, now)
         self.peers[slot] = peer
-        self._by_rid[routing_id] = slot
+        self._by_rid[addr] = slot
         return peer
 
-    def seen(self, routing_id: bytes) -> Peer | None:
-        """Record an inbound frame from ``routing_id``; None when the peer is unknown."""
-        slot = self._by_rid.get(routing_id)
+    def seen(self, addr: Hashable) -> Peer | None:
+        """Record an inbound frame from ``addr``; None when the peer is unknown."""
+        slot = self._by_rid.get(addr)
         if slot is None:
             return None
         peer = self.peers[slot]
@@ -71,8 +96,8 @@ class LivenessTable:
         peer.stale = False
         return peer
 
-    def remove(self, routing_id: bytes) -> Peer | None:
-        slot = self._by_rid.pop(routing_id, None)
+    def remove(self, addr: Hashable) -> Peer | None:
+        slot = self._by_rid.pop(addr, None)
         return self.peers.pop(slot, None) if slot else None
 
     def sweep(self) -> list[Peer]:

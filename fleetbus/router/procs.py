@@ -92,11 +92,21 @@ def stop_pid(pid: int, timeout: float = 5.0) -> bool:
         return not psutil.pid_exists(pid)
 
 
-def stop_sidecars(paths: FleetPaths, slots: list[str], timeout: float = 5.0) -> None:
-    """SIGTERM every listed slot's sidecar at once, wait up to ``timeout`` s, SIGKILL the rest."""
+def stop_sidecars(paths: FleetPaths, slots: list[str], timeout: float = 5.0, also: tuple[int, ...] = ()) -> None:
+    """SIGTERM every listed slot's sidecar at once, wait up to ``timeout`` s, SIGKILL the rest.
+
+    ``also``: pids of sidecars just spawned that may not have written their pid file yet (each is
+    checked to be a fleetbus sidecar by its command line first)."""
     procs = []
-    for slot in slots:
-        pid = sidecar_pid(paths, slot)
+    pids = {sidecar_pid(paths, slot) for slot in slots}
+    for pid in also:
+        try:
+            cmd = psutil.Process(pid).cmdline()
+        except (psutil.Error, OSError):
+            continue
+        if "fleetbus" in " ".join(cmd) and "sidecar" in cmd:
+            pids.add(pid)
+    for pid in pids:
         if pid is not None:
             try:
                 p = psutil.Process(pid)

@@ -104,12 +104,18 @@ def collect_status(
     *,
     source: str = "router",
     host: str | None = None,
+    supervision: dict[str, dict] | None = None,
 ) -> list[SlotStatus]:
     """Build one :class:`SlotStatus` per roster slot, in roster order.
 
     Flags: ``DEAD`` (pane absent or its program exited), ``STALE`` (last heartbeat older than
     interval × liveness), ``NO-SIDECAR`` (no sidecar was ever heard from, or its process is gone
-    and left no heartbeat), ``DRIFT`` (pane command is not one the adapter expects).
+    and left no heartbeat), ``DRIFT`` (pane command is not one the adapter expects), and the
+    supervision flags ``CRASH-LOOP`` and ``BACKOFF``.
+
+    ``supervision``: slot -> ``{"restart", "restarts", "last_exit", "flags"}``
+    (:func:`fleetbus.router.supervisor.watch_status`); without it ``restart`` comes from the
+    roster and ``restarts``/``last_exit`` are empty.
     """
     host = host or socket.gethostname()
     table = ProcessTable()
@@ -130,6 +136,11 @@ def collect_status(
             hb = "stale"
         else:
             hb = "healthy"
+        sup = (supervision or {}).get(name) or {"restart": s.restart, "restarts": 0, "last_exit": None, "flags": []}
+        flags += sup["flags"]
+        exit_status = pane.exit_status if pane else None
+        if pane is not None and not pane.alive and exit_status is None and sup["last_exit"]:
+            exit_status = sup["last_exit"].get("status")  # tmux did not report it (see supervisor.zombie_exit)
         rows.append(
             SlotStatus(
                 tenant_id=fleet.tenant,
@@ -140,7 +151,7 @@ def collect_status(
                 pane="absent" if pane is None else ("alive" if pane.alive else "dead"),
                 pid=pane.pid if pane else None,
                 command=pane.command if pane else None,
-                exit_status=pane.exit_status if pane else None,
+                exit_status=exit_status,
                 idle_s=round(pane.idle_s, 1) if pane and pane.idle_s is not None else None,
                 process=table.describe(pane.pid) if pane and pane.alive and pane.pid else None,
                 heartbeat=hb,
@@ -149,6 +160,9 @@ def collect_status(
                 sidecar_pid=beat.sidecar_pid if beat else None,
                 flags=flags,
                 source=source,
+                restart=sup["restart"],
+                restarts=sup["restarts"],
+                last_exit=sup["last_exit"],
             )
         )
     return rows

@@ -34,8 +34,10 @@ class PaneInfo:
         alive: the pane exists and its program is running.
         pid: pid of the pane's program (the runtime, since it is exec'd), or None.
         command: the pane's current command (tmux ``pane_current_command``), or None.
-        exit_status: exit status of a dead pane, or None.
+        exit_status: exit status of a dead pane, or None (killed by a signal, or not known).
         idle_s: seconds since the slot's window last saw output, or None.
+        exit_signal: number of the signal that killed a dead pane's program, or None.
+        dead_at: when a dead pane's program exited (Unix s, whole seconds on tmux), or None.
     """
 
     slot: str
@@ -44,6 +46,8 @@ class PaneInfo:
     command: str | None = None
     exit_status: int | None = None
     idle_s: float | None = None
+    exit_signal: int | None = None
+    dead_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Screen:
         cursor_x, cursor_y: cursor cell (0-based) within the visible rows.
         width, height: pane size in cells.
         dead: the pane's program has exited.
+        pid: pid of the pane's program (tmux ``pane_pid``; it stays set on a dead pane), or None.
     """
 
     lines: list[str]
@@ -65,6 +70,7 @@ class Screen:
     width: int = 80
     height: int = 24
     dead: bool = False
+    pid: int | None = None
 
     @property
     def cursor_line(self) -> str:

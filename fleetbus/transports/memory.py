@@ -28,6 +28,8 @@ class MemoryPane:
     on_submit: Callable[[str], None] | None = None
     pid: int = 0
     command: str = "bash"
+    exit_status: int | None = 1  # reported while not alive
+    exit_signal: int | None = None
 
 
 class MemoryTransport:
@@ -87,11 +89,13 @@ class MemoryTransport:
         lines = pane.rows[-23:] + [pane.prompt + pane.typed]
         older = pane.rows[:-23][-history:] if history else []
         return Screen(lines=lines, history=older, cursor_y=len(lines) - 1, width=200, height=len(lines),
-                      dead=not pane.alive)
+                      dead=not pane.alive, pid=pane.pid)
 
     async def probe_all(self) -> dict[str, PaneInfo]:
         return {s: PaneInfo(slot=s, alive=p.alive, pid=p.pid if p.alive else None,
-                            command=p.command if p.alive else None, exit_status=None if p.alive else 1)
+                            command=p.command if p.alive else None,
+                            exit_status=None if p.alive else p.exit_status,
+                            exit_signal=None if p.alive else p.exit_signal)
                 for s, p in self.panes.items()}
 
     async def shutdown(self) -> None:

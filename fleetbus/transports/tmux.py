@@ -37,7 +37,7 @@ from fleetbus.transports.base import LaunchSpec, PaneInfo, Screen, SlotDead, Slo
 HOLDER = "_holder"
 _FIELDS = (
     "#{session_name}\t#{window_index}\t#{pane_index}\t#{pane_pid}\t#{pane_current_command}"
-    "\t#{pane_dead}\t#{pane_dead_status}\t#{window_activity}"
+    "\t#{pane_dead}\t#{pane_dead_status}\t#{window_activity}\t#{pane_dead_signal}\t#{pane_dead_time}"
 )
 
 
@@ -50,6 +50,29 @@ def _quote(arg: str) -> str:
     if "'" in arg or "\n" in arg or "\r" in arg:
         raise ControlDown("argument cannot be single-quoted")
     return f"'{arg}'"
+
+
+class _Value(str):
+    """An argument carrying a caller's value (roster env, argv, workdir), never tmux syntax.
+
+    A forked client hands tmux its argv, and tmux ends a command at *any* argument whose last
+    character is ``;`` (``cmd_parse_from_arguments``, tmux 3.3a): ``x;`` would become ``x``
+    followed by a new tmux command made of the next arguments. :func:`_argv` escapes a value's
+    final ``;`` as ``\\;``, which tmux turns back into ``;``. The control client single-quotes
+    every argument (:func:`_quote`), so there a value passes unchanged.
+    """
+
+
+def _argv(args: tuple[str, ...] | list[str]) -> list[str]:
+    """Arguments for a forked tmux client: a :class:`_Value` ending in ``;`` gets it escaped."""
+    return [a[:-1] + "\\;" if isinstance(a, _Value) and a.endswith(";") else a for a in args]
+
+
+def _no_formats(value: str) -> str:
+    """``value`` with every ``#`` doubled. tmux expands formats in some arguments whatever their
+    quoting (``-c`` start directories, ``load-buffer`` paths; checked on 3.3a), and a format
+    can run a shell command (``#(cmd)``); ``##`` is a literal ``#``."""
+    return value.replace("#", "##")
 
 
 class ControlClient:
@@ -211,7 +234,7 @@ class TmuxTransport:
                     return ""
         self.calls += 1
         self.forks += 1
-        proc = await anyio.run_process([*self.base, *args], input=stdin, check=False, env=_client_env())
+        proc = await anyio.run_process([*self.base, *_argv(args)], input=stdin, check=False, env=_client_env())
         out = proc.stdout.decode("utf-8", "replace")
         if check and proc.returncode != 0:
             err = proc.stderr.decode("utf-8", "replace").strip()
@@ -222,7 +245,7 @@ class TmuxTransport:
         """Run one tmux command synchronously (for CLI helpers). Raises :class:`TransportError`."""
         self.calls += 1
         self.forks += 1
-        proc = subprocess.run([*self.base, *args], capture_output=True, env=_client_env())
+        proc = subprocess.run([*self.base, *_argv(args)], capture_output=True, env=_client_env())
         if check and proc.returncode != 0:
             raise _map_error(proc.stderr.decode("utf-8", "replace").strip(), args)
         return proc.stdout.decode("utf-8", "replace")
@@ -250,10 +273,12 @@ class TmuxTransport:
         )
 
     def _launch_args(self, spec: LaunchSpec) -> list[str]:
-        env_args: list[str] = []
+        """``-c DIR -e K=V ... -- sh -c 'exec "$0" "$@"' ARGV``: every value reaches the runtime
+        literally (no shell parses it; ``-c`` escaped against format expansion)."""
+        env_args: list[str] = ["-c", _Value(_no_formats(spec.cwd))]
         for k, v in spec.env.items():
-            env_args += ["-e", f"{k}={v}"]
-        return [*env_args, "--", "sh", "-c", 'exec "$0" "$@"', *spec.argv]
+            env_args += ["-e", _Value(f"{k}={v}")]
+        return [*env_args, "--", "sh", "-c", 'exec "$0" "$@"', *map(_Value, spec.argv)]
 
     async def start_slot(self, spec: LaunchSpec) -> PaneInfo:
         if not os.path.isdir(spec.cwd):
@@ -261,7 +286,7 @@ class TmuxTransport:
         await self.ensure_server()
         await self._run(
             "new-session", "-d", "-s", session_name(spec.slot), "-x", str(self.width), "-y", str(self.height),
-            "-c", spec.cwd, *self._launch_args(spec),
+            *self._launch_args(spec),
             ";", "set-option", "-w", "-t", f"={session_name(spec.slot)}:0", "window-size", "manual",
         )
         return (await self.probe_all()).get(spec.slot) or PaneInfo(slot=spec.slot, alive=False)
@@ -269,7 +294,7 @@ class TmuxTransport:
     async def restart_slot(self, spec: LaunchSpec) -> PaneInfo:
         """``respawn-pane -k``: kills the old program, keeps the session (and any watcher)."""
         env_args = self._launch_args(spec)
-        await self._run("respawn-pane", "-k", "-t", target(spec.slot), "-c", spec.cwd, *env_args)
+        await self._run("respawn-pane", "-k", "-t", target(spec.slot), *env_args)
         return (await self.probe_all()).get(spec.slot) or PaneInfo(slot=spec.slot, alive=False)
 
     async def stop_slot(self, slot: str) -> None:
@@ -309,7 +334,7 @@ class TmuxTransport:
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(text.encode("utf-8"))
-                await self._run("load-buffer", "-b", buf, path)
+                await self._run("load-buffer", "-b", buf, _no_formats(path))
             finally:
                 os.unlink(path)
             await self._run("paste-buffer", "-p", "-d", "-b", buf, "-t", tgt)
@@ -332,7 +357,7 @@ class TmuxTransport:
     async def screen(self, slot: str, *, history: int = 0) -> Screen:
         """One tmux call: cursor, size and state, then the capture."""
         tgt = target(slot)
-        fmt = "#{cursor_x} #{cursor_y} #{pane_width} #{pane_height} #{pane_dead} #{history_size}"
+        fmt = "#{cursor_x} #{cursor_y} #{pane_width} #{pane_height} #{pane_dead} #{history_size} #{pane_pid}"
         start = str(-history) if history else "0"
         if await self._control() is not None:
             out = await self._run("display-message", "-p", "-t", tgt, fmt)
@@ -341,14 +366,15 @@ class TmuxTransport:
             out = await self._run("display-message", "-p", "-t", tgt, fmt, ";", "capture-pane", "-p", "-t", tgt,
                                   "-S", start)
         head, _, body = out.partition("\n")
-        cx, cy, w, h, dead, hist = (int(x or 0) for x in head.split(" "))
+        cx, cy, w, h, dead, hist, pid = (int(x or 0) for x in head.split(" "))
         rows = body.split("\n")
         if rows and rows[-1] == "":
             rows.pop()
         n_hist = min(history, hist)
         visible = rows[n_hist:n_hist + h]
         visible += [""] * (h - len(visible))
-        return Screen(lines=visible, history=rows[:n_hist], cursor_x=cx, cursor_y=cy, width=w, height=h, dead=dead == 1)
+        return Screen(lines=visible, history=rows[:n_hist], cursor_x=cx, cursor_y=cy, width=w, height=h, dead=dead == 1,
+                      pid=pid or None)
 
     async def capture(self, slot: str, *, lines: int | None = None) -> str:
         """The last ``lines`` rows of the pane (history included), trailing blank rows dropped."""
@@ -391,13 +417,20 @@ class TmuxTransport:
 
 
 def parse_panes(text: str, now: float) -> dict[str, PaneInfo]:
-    """Parse ``list-panes -a -F`` output (see ``_FIELDS``) into slot → :class:`PaneInfo`."""
+    """Parse ``list-panes -a -F`` output (see ``_FIELDS``) into slot → :class:`PaneInfo`.
+
+    tmux 3.3a leaves ``pane_dead_status`` empty for a program killed by a signal and gives the
+    signal in ``pane_dead_signal``; ``pane_dead_time`` is the exit time (Unix s). Lines of the
+    older 8-field format (without those two) are accepted too.
+    """
     panes: dict[str, PaneInfo] = {}
     for line in text.splitlines():
         parts = line.split("\t")
-        if len(parts) != 8:
+        if len(parts) == 8:
+            parts += ["", ""]
+        if len(parts) != 10:
             continue
-        sess, win, pane, pid, cmd, dead, status, activity = parts
+        sess, win, pane, pid, cmd, dead, status, activity, sig, dead_time = parts
         slot = slot_name(sess)
         if slot is None or win != "0" or pane != "0":
             continue
@@ -409,6 +442,8 @@ def parse_panes(text: str, now: float) -> dict[str, PaneInfo]:
             command=None if is_dead else (cmd or None),
             exit_status=int(status) if is_dead and status.lstrip("-").isdigit() else None,
             idle_s=max(0.0, now - int(activity)) if activity.isdigit() else None,
+            exit_signal=int(sig) if is_dead and sig.isdigit() else None,
+            dead_at=float(dead_time) if is_dead and dead_time.isdigit() else None,
         )
     return panes
 

@@ -1,0 +1,166 @@
+"""Who may talk to the router: local peers by uid, remote sidecars by CURVE key (ZAP).
+
+One ZAP handler (pyzmq's :class:`~zmq.auth.asyncio.AsyncioAuthenticator`, on the router's own
+event loop) serves every socket of the router's context; the socket's ZAP domain says which rule
+applies:
+
+- :data:`LOCAL_DOMAIN` and :data:`EVENTS_DOMAIN` (the ``ipc://`` ROUTER and PUB sockets, NULL
+  mechanism; two names only so the log says which socket was tried): for an ``ipc://``
+  connection libzmq 4.3.5 puts the peer's ``SO_PEERCRED`` in the ZAP request's address frame as
+  ``<host>:<uid>:<gid>:<pid>`` (``localhost:1000:1000:4242``; see libzmq's
+  ``stream_engine_base.cpp`` ``get_peer_address``). Only the router's own uid is accepted. This
+  is a second wall behind the 0700 runtime directory and 0600 socket files.
+- :data:`TCP_DOMAIN` (the ``bus.tcp`` ROUTER socket, CURVE mechanism): the client's public key
+  must be in the allow-list folder (``Authenticator.configure_curve``), which is re-read on every
+  handshake so ``fleet keys revoke`` takes effect for the next connection.
+
+Anything else (another mechanism, an unknown domain, an address without credentials) is
+refused: the handler fails closed. Sockets set ``ZAP_ENFORCE_DOMAIN`` so that a missing handler
+also refuses (libzmq 4.3.5 lets NULL connections through when no handler is bound, otherwise).
+
+Refusals are counted (:attr:`PeerAuthenticator.refused_peers`: distinct peers;
+:attr:`refused_handshakes`: every refused handshake) and logged once per peer (uid and pid, or
+public key), so a peer that reconnects every 100 ms does not flood the log.
+
+pyzmq's base class is used as it is for CURVE; the NULL/uid rule is a small override of
+``handle_zap_message`` because pyzmq's address allow-list matches whole address strings and
+libzmq's ipc address carries the peer's pid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import zmq
+from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.auth.base import VERSION
+from zmq.utils import z85
+
+log = logging.getLogger("fleetbus.auth")
+
+#: ZAP domain of the local (``ipc://``) ROUTER socket: peers are checked by uid.
+LOCAL_DOMAIN = "fleetbus-local"
+#: ZAP domain of the local (``ipc://``) PUB socket (events): peers are checked by uid.
+EVENTS_DOMAIN = "fleetbus-events"
+#: ZAP domain of the ``tcp://`` socket: peers are checked by CURVE public key.
+TCP_DOMAIN = "fleetbus-tcp"
+#: Distinct refused peers remembered for log-once; beyond this the memory is cleared (and a peer
+#: may be logged again) so a flood of new peers cannot grow it without bound.
+MAX_REMEMBERED = 4096
+
+
+def peer_cred(address: str) -> tuple[int, int, int] | None:
+    """``(uid, gid, pid)`` from a ZAP address of an ``ipc://`` peer (``host:uid:gid:pid``), or
+    None when the address carries no credentials (not a Unix socket, or no ``SO_PEERCRED``)."""
+    parts = address.rsplit(":", 3)
+    if len(parts) != 4:
+        return None
+    try:
+        return int(parts[1]), int(parts[2]), int(parts[3])
+    except ValueError:
+        return None
+
+
+def protect(sock: zmq.Socket, domain: str) -> None:
+    """Route ``sock``'s handshakes through ZAP ``domain`` and refuse them when no handler answers."""
+    sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+
+
+class PeerAuthenticator(AsyncioAuthenticator):
+    """The router's ZAP handler (see the module docstring).
+
+    Args:
+        context: the router's context (the handler binds ``inproc://zeromq.zap.01`` in it).
+        allow_uids: uids accepted on :data:`LOCAL_DOMAIN` (the router's own).
+        allowed_keys: folder of allowed client public certificates (``*.key``) for
+            :data:`TCP_DOMAIN`, or None when there is no tcp endpoint.
+        key_names: returns ``{z85 public key: name}`` of revoked keys, to name them in the log.
+
+    Start with :meth:`start` inside the running event loop, before binding any protected socket;
+    :meth:`stop` before terminating the context.
+    """
+
+    def __init__(self, context: zmq.Context, allow_uids: Iterable[int], allowed_keys: Path | None = None,
+                 key_names: Callable[[], dict[bytes, str]] | None = None):
+        super().__init__(context, log=logging.getLogger("fleetbus.auth.zap"))
+        self.allow_uids = frozenset(allow_uids)
+        self.allowed_keys = allowed_keys
+        self.key_names = key_names
+        self.refused_handshakes = 0
+        self._refused: set[str] = set()
+        self._refused_total = 0
+
+    @property
+    def refused_peers(self) -> int:
+        """Distinct peers refused since start (a uid+pid, or a CURVE key)."""
+        return self._refused_total
+
+    def _refuse(self, request_id: bytes, peer: str, why: str, reason: bytes) -> None:
+        self.refused_handshakes += 1
+        if peer not in self._refused:
+            if len(self._refused) >= MAX_REMEMBERED:
+                self._refused.clear()
+            self._refused.add(peer)
+            self._refused_total += 1
+            log.warning("refused %s: %s", peer, why)
+        self._send_zap_reply(request_id, b"400", reason)
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        """Answer one ZAP request: ``[version, request_id, domain, address, identity, mechanism,
+        *credentials]``. Never raises (an exception would stop pyzmq's handler loop and leave
+        every later handshake unanswered)."""
+        try:
+            await self._handle(msg)
+        except Exception:
+            log.exception("ZAP handler failed; refusing the handshake")
+            if len(msg) >= 2:
+                self.refused_handshakes += 1
+                self._send_zap_reply(msg[1], b"500", b"internal error")
+
+    async def _handle(self, msg: list[bytes]) -> None:
+        if len(msg) < 6 or msg[0] != VERSION:
+            await super().handle_zap_message(msg)  # pyzmq answers malformed requests with 400
+            return
+        request_id, domain, address, mechanism = msg[1], msg[2].decode("utf-8", "replace"), \
+            msg[3].decode("utf-8", "replace"), msg[5]
+        if domain in (LOCAL_DOMAIN, EVENTS_DOMAIN):
+            cred = peer_cred(address)
+            if mechanism != b"NULL" or cred is None:
+                self._refuse(request_id, f"local peer {address!r} on {domain}",
+                             f"no peer credentials or mechanism {mechanism.decode(errors='replace')}", b"NO ACCESS")
+            elif cred[0] not in self.allow_uids:
+                self._refuse(request_id, f"local peer uid {cred[0]} (gid {cred[1]}, pid {cred[2]}) on {domain}",
+                             f"uid {cred[0]} is not the router's (allowed: "
+                             f"{', '.join(map(str, sorted(self.allow_uids)))})", b"uid not allowed")
+            else:
+                self._send_zap_reply(request_id, b"200", b"OK", f"uid:{cred[0]}")
+            return
+        if domain == TCP_DOMAIN and mechanism == b"CURVE" and self.allowed_keys is not None and len(msg) == 7:
+            # re-read the allow-list for every handshake: a revoked key is refused at once. Drop
+            # the old list first: configure_curve keeps it when the folder cannot be read.
+            self.certs.pop(TCP_DOMAIN, None)
+            self.configure_curve(domain=TCP_DOMAIN, location=str(self.allowed_keys))
+            key = msg[6]
+            if not self.certs.get(TCP_DOMAIN, {}).get(z85.encode(key)):
+                self._refuse_key(request_id, address, key)
+                return
+            await super().handle_zap_message(msg)
+            return
+        self._refuse(request_id, f"peer {address!r} on domain {domain!r}",
+                     f"mechanism {mechanism.decode(errors='replace')} is not accepted there", b"NO ACCESS")
+
+    def _refuse_key(self, request_id: bytes, address: str, key: bytes) -> None:
+        z = z85.encode(key)
+        name = (self.key_names() if self.key_names else {}).get(z)
+        why = f"key of {name!r} was revoked" if name else "key is not on the allow-list (`fleet keys list`)"
+        self._refuse(request_id, f"tcp peer {address} with CURVE key {z.decode()}", why, b"Unknown key")
+
+
+def local_authenticator(context: zmq.Context, allowed_keys: Path | None = None,
+                        key_names: Callable[[], dict[bytes, str]] | None = None) -> PeerAuthenticator:
+    """A :class:`PeerAuthenticator` that accepts this process's own uid on the local sockets."""
+    return PeerAuthenticator(context, [os.getuid()], allowed_keys, key_names)
