@@ -88,10 +88,16 @@ class Stub:
         self.write(self.render_input())
 
     def start_turn(self, text: str) -> None:
-        if self.record is not None:
-            self.record.write(json.dumps({"at": time.time(), "session": self.session_id, "prompt": text}) + "\n")
-            self.record.flush()
-        send_hook("prompt-submit", prompt=text, session_id=self.session_id)
+        # taking a prompt and reporting it is one step: a SIGHUP (its tmux server died) or SIGTERM
+        # waits until both are done (SIGKILL cannot be held off: that window stays, microseconds)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM})
+        try:
+            if self.record is not None:
+                self.record.write(json.dumps({"at": time.time(), "session": self.session_id, "prompt": text}) + "\n")
+                self.record.flush()
+            send_hook("prompt-submit", prompt=text, session_id=self.session_id)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         send_hook("turn-start", session_id=self.session_id)
         self.current = text
         self.turn_end = self.clock() + self.think_ms / 1000

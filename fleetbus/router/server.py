@@ -1032,6 +1032,9 @@ class Router:
             r = await self._verify_by_pane(slot, adapter, mk, w, as_queued, deadline, result)
         if w.died and not await self._ack_after_death(slot, w):
             return False
+        if r is None and w.accepted.is_set():  # the ack came just as the runtime died
+            r = result("accepted", evidence="runtime-ack", submit_retries=w.retries, queued_ms=w.queued_ms(),
+                       session_id=w.ack.session_id if w.ack else None)
         r = r or await self._final_verdict(slot, adapter, mk, w, use_ack, result)
         if r.result != "queued":
             self._finish(d, r)
