@@ -81,6 +81,10 @@ class FleetPaths:
         """``key=value`` heartbeat file the sidecar rewrites atomically on every beat."""
         return self.state_dir / "run" / f"{slot}.hb"
 
+    def ack_log(self, slot: str) -> Path:
+        """The sidecar's log of the accepted acks it gave recently (replayed after a restart)."""
+        return self.state_dir / "run" / f"{slot}.acks"
+
     def sidecar_pidfile(self, slot: str) -> Path:
         return self.state_dir / "run" / f"{slot}.sidecar.pid"
 

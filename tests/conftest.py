@@ -118,8 +118,30 @@ def make_fleet(monkeypatch) -> Callable[[str], FleetEnv]:
         for slot in fe.fleet.slots:
             assert procs.sidecar_pid(fe.paths, slot) is None, f"sidecar {slot} still running after teardown"
         assert not Path(fe.tmux.socket_path()).exists(), "tmux socket left behind"
+        _reap_leaked_tmux(fe.paths.tmux_socket)
         assert not fe.paths.run_dir.exists(), "runtime dir (sockets, lock) left behind"
     shutil.rmtree(base, ignore_errors=True)
+
+
+def _reap_leaked_tmux(socket: str) -> None:
+    """Stop (by pid) a tmux server of this test's own socket that outlived ``fleet down``.
+
+    The socket-file check above cannot see it when its socket file was removed. Seen three
+    times in about ten loaded runs of test_supervision.py (cause not found yet, see the issue 4
+    note); reported as a warning so the leak is visible without leaving processes behind."""
+    import warnings
+
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if proc.info["name"] == "tmux" or (cmd and os.path.basename(cmd[0]) == "tmux"):
+            if "-L" in cmd and cmd[cmd.index("-L") + 1:cmd.index("-L") + 2] == [socket]:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    continue
+                warnings.warn(f"tmux server or client of socket {socket} outlived `fleet down` (pid {proc.pid}: {' '.join(cmd)[:120]}); killed")
 
 
 needs_tmux = pytest.mark.skipif(not HAVE_TMUX, reason="tmux is not installed (scripts/bootstrap installs it)")

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import anyio
-import pytest
 
 from fleetbus.client import Client
 from fleetbus.router import procs

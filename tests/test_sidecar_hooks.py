@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import tempfile
@@ -98,3 +99,34 @@ def test_json_lines_on_the_stream_socket(sidecar):
         assert [(a.id, a.stage) for a in sidecar.pending_acks] == [(MID, "accepted")]
 
     anyio.run(main, backend="asyncio")
+
+
+def test_acks_survive_a_sidecar_restart_for_replay(sidecar):
+    """A router killed before reading an ack, then the sidecar killed before re-registering: the
+    next sidecar of the slot replays the ack from the ack log; old entries are dropped."""
+    import json
+    import time
+
+    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID}] x", "s1"))
+    log = sidecar.paths.ack_log("a")
+    old = json.dumps({"t": time.time() - 3600, "id": MID2, "s": "s0"})
+    log.write_text(log.read_text() + old + "\n" + "not json\n")
+    successor = Sidecar(sidecar.fleet, "a", sidecar.paths)
+    try:
+        assert [(a.id, a.session_id) for _, a in successor.recent_acks] == [(MID, "s1")]
+        assert MID2 not in log.read_text(), "entries older than the replay window are dropped"
+    finally:
+        successor.ctx.term()
+
+
+def test_hook_spools_acks_while_the_sidecar_is_down_and_the_sidecar_replays_them(sidecar, tmp_path):
+    from fleetbus.agents.hook import send_hook, spool_path
+
+    sock = str(sidecar.paths.hook_socket("a"))  # nobody is bound to it
+    assert send_hook("prompt-submit", prompt=f"[fleet#{MID}] x", session_id="s1", path=sock) is False
+    assert send_hook("turn-end", path=sock) is False  # carries no ack: not spooled
+    assert len(open(spool_path(sock)).read().splitlines()) == 1
+    assert sidecar.replay_spool() == 1
+    assert [a.id for a in sidecar.pending_acks] == [MID]
+    assert sidecar.state == "unknown", "old events do not change the state"
+    assert sidecar.replay_spool() == 0 and not os.path.exists(spool_path(sock))

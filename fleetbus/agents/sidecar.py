@@ -19,7 +19,8 @@ Loop (Paranoid Pirate style, sidecar speaks first):
    the router as ``HOOK``. Accepted acks that cannot be sent (router down) are kept and sent
    after the next ``WELCOME``; acks sent in the last ``ACK_REPLAY_WINDOW_S`` s are sent again
    after every ``WELCOME`` too, because a router killed with ``kill -9`` loses the frames it had
-   not read yet (the router ignores repeats).
+   not read yet (the router ignores repeats); they are also logged to ``<state>/run/<slot>.acks``,
+   so a sidecar restarted right after a router restart replays its predecessor's.
 
 Heartbeats come from the same event loop that handles hooks, so a wedged sidecar stops beating.
 """
@@ -27,6 +28,7 @@ Heartbeats come from the same event loop that handles hooks, so a wedged sidecar
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import signal
@@ -83,7 +85,8 @@ class Sidecar:
         self.session_announced = False
         self.side_events = 0
         self.pending_acks: list[P.Ack] = []
-        self.recent_acks: deque[tuple[float, P.Ack]] = deque(maxlen=ACK_REPLAY_MAX)
+        self.recent_acks: deque[tuple[float, P.Ack]] = deque(maxlen=ACK_REPLAY_MAX)  # (unix s, ack)
+        self._load_ack_log()
         self.expected: dict[str, float] = {}
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
@@ -130,10 +133,46 @@ class Sidecar:
                 return
             self.pending_acks.pop(0)
 
+    def _load_ack_log(self) -> None:
+        """Acks a previous sidecar of this slot gave in the last ACK_REPLAY_WINDOW_S s (its ack log,
+        ``<state>/run/<slot>.acks``, one JSON line per accepted ack): replayed after WELCOME like
+        this process's own, so a router and a sidecar killed one after the other lose no ack. The
+        log is rewritten with only those lines."""
+        path = self.paths.ack_log(self.slot.name)
+        horizon = time.time() - ACK_REPLAY_WINDOW_S
+        keep = []
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        for line in lines[-ACK_REPLAY_MAX:]:
+            try:
+                rec = json.loads(line)
+                if float(rec["t"]) >= horizon:
+                    self.recent_acks.append((float(rec["t"]), P.Ack(id=str(rec["id"]), session_id=rec.get("s"))))
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+    def _log_ack(self, ack: P.Ack) -> None:
+        now = time.time()
+        self.recent_acks.append((now, ack))
+        try:
+            with open(self.paths.ack_log(self.slot.name), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"t": now, "id": ack.id, "s": ack.session_id}) + "\n")
+        except OSError:
+            pass
+
     def _replay_acks(self) -> None:
         """After (re)registering, send again the accepted acks of the last ACK_REPLAY_WINDOW_S s:
         a router killed before it read them finds them here (the router ignores repeats)."""
-        horizon = time.monotonic() - ACK_REPLAY_WINDOW_S
+        horizon = time.time() - ACK_REPLAY_WINDOW_S
         for at, ack in list(self.recent_acks):
             if at >= horizon:
                 self._send(ack)
@@ -264,8 +303,8 @@ class Sidecar:
             ack = P.Ack(id=msg_id, stage=stage, at=ev.at, session_id=ev.session_id or self.session_id)
             if not (self.welcomed and self._send(ack)) and stage == "accepted":
                 self.pending_acks.append(ack)
-            elif stage == "accepted":
-                self.recent_acks.append((time.monotonic(), ack))
+            if stage == "accepted":
+                self._log_ack(ack)
             if stage == "accepted":
                 self.expected.pop(msg_id, None)
 

@@ -7,6 +7,10 @@ roster's ``bus.tcp``, remote sidecars reach a second ROUTER socket with CURVE ke
 allow-list (ZAP, :mod:`fleetbus.router.auth`); a peer's :class:`Addr` names the socket its
 replies go out on. Each socket has one reader task that is never cancelled mid-receive; replies
 go through one lock. Runs on anyio's asyncio backend (``zmq.asyncio``; pyzmq has no trio support).
+
+The message path (journal, per-slot queues, typing, verification, recovery) lives in
+:mod:`fleetbus.router.messages`; restart policies and exit diagnostics in
+:mod:`fleetbus.router.supervisor`.
 """
 
 from __future__ import annotations
@@ -14,15 +18,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import secrets
 import shlex
 import shutil
 import socket
 import sys
 import time
-from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -31,42 +31,24 @@ import zmq.asyncio
 from pydantic import BaseModel
 
 from fleetbus import protocol as P
-from fleetbus.adapters import get_adapter, marker
+from fleetbus.adapters import get_adapter
 from fleetbus.config import Fleet, Slot
 from fleetbus.paths import FleetPaths, fleet_paths
 from fleetbus.router import procs, verify
-from fleetbus.router.delivery import Delivery, SlotQueue, Unavailable
-from fleetbus.router.journal import Journal, MessageRecord
 from fleetbus.router.auth import (EVENTS_DOMAIN, LOCAL_DOMAIN, TCP_DOMAIN, PeerAuthenticator, local_authenticator,
                                   protect)
+from fleetbus.router.delivery import Delivery, SlotQueue
+from fleetbus.router.journal import Journal
 from fleetbus.router.liveness import Addr, LivenessTable
+from fleetbus.router.messages import DRAFT_CHECK_S, MessagePath, _Waiter
 from fleetbus.router.status import Beat, collect_status
 from fleetbus.router.supervisor import Supervisor
 from fleetbus.transports.base import LaunchSpec, SlotNotFound, Transport, TransportError, resolve_transport
 
 log = logging.getLogger("fleetbus.router")
 
-#: Pane polling interval of the pane-diff fallback (s); a poll is two control-mode commands (~0.2 ms).
-POLL_S = 0.005
-#: Seconds after typing at which a hook runtime's input line is checked once for a lost submit key.
-DRAFT_CHECK_S = 1.0
 #: Seconds a pane without a visible prompt is looked at again before ``no-prompt``.
 PROMPT_SETTLE_S = 2.0
-#: Pane polling interval (s) for a TUI's queue indicator while the slot is busy.
-QUEUE_POLL_S = 0.05
-#: Scrollback rows captured when looking for a submitted marker.
-HISTORY_ROWS = 300
-#: Seconds between tries of a message held for a slot that is not available (``when=available``).
-AVAILABLE_POLL_S = 0.5
-#: Seconds, beyond a slot's liveness period, that recovery waits for its sidecar to re-register.
-RECOVERY_GRACE_S = 2.0
-#: Seconds after a sidecar's re-registration by which its replayed acks have arrived.
-ACK_REPLAY_S = 0.5
-#: Seconds between checks, while waiting for an ack, that the slot's sidecar is still the same.
-SIDECAR_CHECK_S = 0.25
-#: Scrollback rows searched for a recovered message's marker (tmux history-limit is 5000).
-RECOVERY_HISTORY_ROWS = 5000
-
 
 #: Request kinds the router answers with ``bad-request`` when their frame does not validate.
 CLIENT_KINDS = ("SEND", "PS", "START", "STOP", "RESTART", "RESET", "INTERRUPT", "HEALTH", "SHUTDOWN")
@@ -143,7 +125,7 @@ def make_transport(fleet: Fleet, paths: FleetPaths, long_lived: bool = False) ->
     return cls()
 
 
-class Router:
+class Router(MessagePath):
     """The router of one tenant.
 
     Args:
@@ -482,36 +464,6 @@ class Router:
         log.info("sidecar %s registered (pid %d, host %s, via %s)", msg.slot, msg.pid, msg.host, addr.via)
         await self._send(addr, P.Welcome(heartbeat_ms=slot.heartbeat_ms, liveness=slot.liveness))
 
-    def _on_ack(self, slot: str, ack: P.Ack) -> None:
-        w = self.waiters.get(ack.id)
-        if w is None or w.slot != slot:
-            if ack.stage == "accepted":
-                self._late_ack(slot, ack)
-            return
-        if ack.stage == "queued":
-            if w.queued_at is None:
-                w.queued_at = time.monotonic()
-            w.queued_ack = True
-            w.changed.set()
-            return
-        w.ack = ack
-        w.accepted.set()
-        w.changed.set()
-
-    def _late_ack(self, slot: str, ack: P.Ack) -> None:
-        """An ack for a message nobody is verifying any more (it arrived after the timeout, or a
-        sidecar replayed it after the router restarted): the journal records ``accepted``."""
-        d = self.inflight.get(ack.id)
-        rec = d.rec if d is not None else self.journal.get(ack.id)
-        if rec is None or rec.slot != slot or rec.state in ("accepted", "rejected", "dead-letter"):
-            return
-        late = d or Delivery(rec, P.SendRequest(req="late", to=rec.slot, body=rec.body), time.monotonic())
-        r = self._result(late, "accepted", evidence="runtime-ack", session_id=ack.session_id,
-                         detail=f"late ack (the message was {rec.state})")
-        if rec.result:
-            r = r.model_copy(update={"latency_ms": rec.result.get("latency_ms", r.latency_ms)})
-        self._finish(late, r)
-
     def _on_hook_event(self, peer: Any, ev: P.HookEvent) -> None:
         """A hook event forwarded by a sidecar: publish it; a session-start confirms resets."""
         self.publish("hook", peer.slot, event=ev.event, source=ev.source, session_id=ev.session_id,
@@ -739,579 +691,6 @@ class Router:
                 await self.transport.send_keys(slot.name, adapter.submit.key)
         except (SlotNotFound, TransportError):
             pass
-
-    async def handle_send(self, req: P.SendRequest) -> dict[str, Any]:
-        return (await self.send(req)).model_dump()
-
-    # -- the message path: journal -> slot queue -> type -> verify --------------------------------
-
-    @property
-    def journal(self) -> Journal:
-        """The tenant's journal (opened on first use)."""
-        if self._journal is None:
-            self._journal = Journal(self.paths.journal, tenant=self.fleet.tenant, host=self.host)
-        return self._journal
-
-    @asynccontextmanager
-    async def delivering(self) -> AsyncIterator[Any]:
-        """Run the delivery machinery for the body of the block: the journal's unfinished
-        messages are recovered and every slot's queue gets its worker. :meth:`serve` runs inside
-        it; unit tests use it around :meth:`send` on the memory transport."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            self._recover()
-            try:
-                yield tg
-            finally:
-                tg.cancel_scope.cancel()
-                self.queues.clear()  # the workers end with this task group
-                self.inflight.clear()
-
-    def _slot_queue(self, slot: str) -> SlotQueue:
-        q = self.queues.get(slot)
-        if q is None:
-            q = self.queues[slot] = SlotQueue()
-            self._tg.start_soon(self._slot_worker, slot, q)
-        return q
-
-    def _result(self, d: Delivery, outcome: str, **kw: Any) -> P.SendResult:
-        kw.pop("id", None)  # always the message's own id
-        return P.SendResult(tenant_id=self.fleet.tenant, host=self.host, slot=d.rec.slot, id=d.rec.id, result=outcome,
-                            latency_ms=round((time.monotonic() - d.t0) * 1000, 3),
-                            idempotency_key=d.rec.idempotency_key, expires_at=d.rec.expires, **kw)
-
-    async def send(self, req: P.SendRequest) -> P.SendResult:
-        """Journal one message, queue it for its slot and answer (semantics: :class:`P.SendRequest`
-        and DESIGN.md). The message is committed to the journal before any answer; with
-        ``detach`` the answer is ``queued`` at once, otherwise the first of: the final result,
-        ``queued`` held by the runtime (``wait="queued"``), ``queued`` held by fleetbus (the slot is
-        not available and ``when="available"``). Never raises for a refused message."""
-        t0 = time.monotonic()
-        if req.idempotency_key:
-            rec = self.journal.by_key(req.idempotency_key)
-            if rec is not None:
-                return await self._duplicate(rec, req, t0)
-        slot = self.fleet.slots.get(req.to)
-        max_bytes = self.fleet.roster.bus.max_body_bytes
-        problem: tuple[str, str] | None = None
-        body = req.body
-        if slot is None:
-            problem = ("unknown-slot", f"unknown slot {req.to!r}; roster slots: {', '.join(self.fleet.slots) or '(none)'}")
-        else:
-            try:
-                body = P.check_body(req.body, max_bytes)
-            except P.InvalidBody as e:
-                problem, body = ("invalid-body", str(e)), ascii(req.body[:200])  # kept for the log, never typed
-        options = {"verify": req.verify, "wait": req.wait, "when": req.when, "timeout_s": req.timeout_s,
-                   "on_busy_input": req.on_busy_input, "detach": req.detach}
-        ttl = req.ttl_s or self.fleet.roster.bus.message_ttl_s
-        rec = MessageRecord(id=secrets.token_hex(6), slot=req.to, sender=req.sender, body=body, options=options,
-                            idempotency_key=req.idempotency_key,
-                            expires=time.time() + ttl if req.when == "available" else None)
-        rec, created = self.journal.add_message(rec)
-        if not created:  # the same key arrived twice at once
-            return await self._duplicate(rec, req, t0)
-        d = Delivery(rec, req, t0)
-        self.publish("message", req.to, id=rec.id, state="queued", result="queued", held_by="fleetbus")
-        if problem is not None:
-            self._finish(d, self._result(d, "rejected", code=problem[0], detail=problem[1]))
-            return d.answer  # type: ignore[return-value]
-        self.inflight[rec.id] = d
-        self._slot_queue(req.to).put(d)
-        if req.detach:
-            return self._result(d, "queued", held_by="fleetbus",
-                                detail="journaled; the router delivers it in order (see `fleet log`)")
-        await d.answered.wait()
-        return d.answer  # type: ignore[return-value]
-
-    async def _duplicate(self, rec: MessageRecord, req: P.SendRequest, t0: float) -> P.SendResult:
-        """A SEND whose idempotency key the journal holds: nothing is typed; the answer is that
-        message's result (waiting for it when it is still on its way and the SEND waits)."""
-        if rec.slot != req.to or (rec.state != "rejected" and rec.body != req.body.replace("\r\n", "\n")):
-            return P.SendResult(tenant_id=self.fleet.tenant, host=self.host, slot=req.to, result="rejected",
-                                code="idempotency-conflict", idempotency_key=req.idempotency_key,
-                                detail=f"idempotency key {req.idempotency_key!r} belongs to message {rec.id} "
-                                       f"(slot {rec.slot!r}) with another slot or body; nothing was typed")
-        d = self.inflight.get(rec.id)
-        if d is not None:
-            if not req.detach and d.final is None:
-                await d.answered.wait()
-            r = d.final or d.answer or self._result(d, "queued", held_by="fleetbus", detail="on its way")
-        elif rec.result is not None:
-            r = P.SendResult.model_validate(rec.result)
-        else:
-            r = P.SendResult(tenant_id=self.fleet.tenant, host=self.host, slot=rec.slot, id=rec.id, result="queued",
-                             held_by="fleetbus", idempotency_key=rec.idempotency_key, detail=f"journal state {rec.state}")
-        return r.model_copy(update={"duplicate": True, "latency_ms": round((time.monotonic() - t0) * 1000, 3)})
-
-    def _finish(self, d: Delivery, r: P.SendResult) -> None:
-        """Journal the final result of ``d``, answer its clients and publish the event."""
-        if d.final is not None:
-            return
-        d.final = r
-        self.journal.set_state(d.rec, r.result, result=r.model_dump(), evidence=r.evidence, code=r.code,
-                               detail=r.detail, retries=r.submit_retries or None)
-        d.reply(r)
-        self.inflight.pop(d.rec.id, None)
-        self.waiters.pop(d.rec.id, None)
-        self.publish("message", d.rec.slot, id=d.rec.id, state=r.result, result=r.result, evidence=r.evidence,
-                     code=r.code)
-
-    async def _slot_worker(self, name: str, q: SlotQueue) -> None:
-        """Type the messages of slot ``name`` one at a time, oldest first. A message whose slot is
-        not available is rejected (``when=now``) or waits, polled every AVAILABLE_POLL_S, until
-        the slot can take it or its TTL ends (``dead-letter``)."""
-        while True:
-            await q.wait()
-            now = time.time()
-            for other in list(q.items):
-                if other.final is not None:
-                    q.items.remove(other)
-                elif other.rec.expires is not None and now >= other.rec.expires and other.rec.state == "queued":
-                    q.items.remove(other)
-                    self._finish(other, self._result(other, "dead-letter", code="ttl-expired",
-                                                     detail=f"slot {name!r} was not available within the TTL; "
-                                                            "nothing was typed"))
-            if not q.items:
-                continue
-            d = q.items[0]
-            try:
-                out = await (self._attempt(d) if d.rec.state == "queued" else self._recover_one(d))
-            except Exception as e:  # a bug or a transport failure must never stop the slot's queue
-                log.exception("delivery of %s to %s failed", d.rec.id, name)
-                if d.rec.state != "queued":
-                    self._finish(d, self._result(d, "unconfirmed", detail=f"delivery failed after typing began: {e}"))
-                    out = None
-                else:
-                    out = Unavailable("transport", f"{type(e).__name__}: {e}")
-            if out is None:
-                if q.items and q.items[0] is d:
-                    q.items.popleft()
-                continue
-            if d.req.when == "now":
-                q.items.popleft()
-                self._finish(d, self._result(d, "rejected", code=out.code, detail=out.detail))
-                continue
-            for other in list(q.items):  # the ones behind it cannot be typed either
-                if other.rec.state != "queued":
-                    continue
-                if other.req.when == "now":
-                    q.items.remove(other)
-                    self._finish(other, self._result(other, "rejected", code=out.code, detail=out.detail))
-                elif not other.held:
-                    self._hold(other, out)
-            await anyio.sleep(AVAILABLE_POLL_S)
-
-    async def _ack_after_death(self, slot: Slot, w: _Waiter) -> bool:
-        """Wait one heartbeat interval plus 0.5 s for an ack that is still on its way after the
-        runtime died (a hook that found the sidecar busy spooled it; the sidecar replays its spool
-        every beat). True when it came: the runtime did take the message."""
-        with anyio.move_on_after(slot.heartbeat_ms / 1000 + 0.5):
-            await w.accepted.wait()
-        return w.accepted.is_set()
-
-    def _sidecar_lost(self, w: _Waiter) -> bool:
-        """The sidecar that was registered when ``w``'s message was typed is stale or replaced."""
-        peer = self.table.peers.get(w.slot)
-        return w.peer is not None and (peer is not w.peer or peer.stale)
-
-    def _runtime_exited(self, slot: str, diag: dict[str, Any]) -> None:
-        """Supervisor exit listener: the program of ``slot`` died (or the tmux server did). A
-        message typed into it or held in its own queue that it never acknowledged, on a hook
-        runtime whose sidecar was connected (so an ack would have come), was taken by no one:
-        it goes back into the slot's queue, ahead of newer messages, and is typed into the
-        restarted runtime (``when=available``) or rejected ``slot-dead`` (``when=now``). On
-        pane-diff runtimes such a message stays as verification decides (a shell may have run
-        it)."""
-        for d in list(self.inflight.values()):
-            w = d.waiter
-            if (d.rec.slot != slot or d.final is not None or w is None or w.accepted.is_set() or not w.use_ack
-                    or d.rec.state not in ("typing", "injected", "runtime-queued")):
-                continue
-            w.died = True
-            w.changed.set()
-            if d.follow_scope is not None:
-                d.follow_scope.cancel()
-
-    def _requeue(self, d: Delivery) -> Unavailable:
-        """Journal ``d`` back to ``queued`` after its runtime died without acknowledging it."""
-        self.waiters.pop(d.rec.id, None)
-        d.waiter, d.follow_scope, d.held = None, None, False
-        detail = "the runtime died before acknowledging it; it goes to the restarted runtime"
-        self.journal.set_state(d.rec, "queued", held_by="fleetbus", code="runtime-died", detail=detail)
-        self.publish("message", d.rec.slot, id=d.rec.id, state="queued", result="queued", held_by="fleetbus",
-                     code="runtime-died")
-        return Unavailable("slot-dead", f"slot {d.rec.slot!r}: its runtime died before taking the message")
-
-    def _hold(self, d: Delivery, out: Unavailable) -> None:
-        """``d`` waits in the journal for its slot (``when=available``): tell its clients so."""
-        d.held = True
-        self.journal.set_state(d.rec, "queued", held_by="fleetbus", code=out.code, detail=out.detail)
-        if d.req.wait != "accepted":  # a SEND that waits for acceptance keeps waiting
-            d.reply(self._result(d, "queued", held_by="fleetbus", code=out.code,
-                                 detail=f"{out.detail}; held until the slot is available"))
-        self.publish("message", d.rec.slot, id=d.rec.id, state="queued", result="queued", held_by="fleetbus",
-                     code=out.code)
-
-    async def _attempt(self, d: Delivery) -> Unavailable | None:
-        """Type ``d`` into its slot and verify it; finishes it (or leaves it ``runtime-queued``
-        with a follower task). Returns :class:`Unavailable` when the slot cannot take it now;
-        nothing was typed then."""
-        req, rec = d.req, d.rec
-        slot = self.fleet.slots[rec.slot]
-        adapter = get_adapter(slot.runtime)
-        try:
-            screen = await self.transport.screen(slot.name)
-        except SlotNotFound:
-            return Unavailable("slot-down", f"slot {slot.name!r} is not running")
-        if screen.dead:
-            return Unavailable("slot-dead", f"slot {slot.name!r}: its program has exited (see `fleet ps`)")
-        typed = verify.typed_text(adapter, screen)
-        if typed != "":
-            screen, typed = await self._settle_prompt(slot, adapter)
-        if typed is None:
-            return Unavailable("no-prompt", f"{slot.name!r} is not at its prompt (a program may be running in it, or "
-                                            "it is still starting); nothing was typed")
-        if typed:
-            if req.on_busy_input == "fail":
-                return Unavailable("busy-input", f"the input line of {slot.name!r} already holds text ({typed[:60]!r}); "
-                                                 "nothing was typed (use --on-busy-input=clear to clear it first)")
-            await self.transport.send_keys(slot.name, *adapter.clear_keys)
-            with anyio.move_on_after(2.0):  # wait for the program to redraw its empty input line
-                while typed:
-                    await anyio.sleep(POLL_S)
-                    typed = verify.typed_text(adapter, await self.transport.screen(slot.name))
-            if typed is None or typed:
-                return Unavailable("busy-input", f"could not clear the input line of {slot.name!r} ({(typed or '')[:60]!r})")
-
-        mk = marker(rec.id)
-        text = adapter.frame(rec.body, rec.id, rec.sender, slot.name)
-        peer = self.table.peers.get(slot.name)
-        use_ack = adapter.has_hook and peer is not None and not peer.stale
-        was_busy = (peer is not None and peer.state == "busy") or verify.is_busy(adapter, screen)
-        w = d.waiter = self.waiters[rec.id] = _Waiter(slot.name, rec.id, d.t0)
-        w.use_ack, w.peer = use_ack, peer
-        if peer is not None:
-            await self._send(peer.addr, P.Expect(id=rec.id, marker=mk))
-        self.journal.set_state(rec, "typing", pane_pid=screen.pid)  # write-ahead: see _recover_one
-        try:
-            await self.transport.deliver(slot.name, text, adapter.submit)
-        except SlotNotFound:
-            self.journal.set_state(rec, "queued", held_by="fleetbus", detail="the slot vanished before typing")
-            self.waiters.pop(rec.id, None)
-            return Unavailable("slot-down", f"slot {slot.name!r} vanished before typing")
-        self.journal.set_state(rec, "injected")
-        self.publish("message", slot.name, id=rec.id, state="injected", result="injected")
-        if not req.verify:
-            self._finish(d, self._result(d, "injected"))
-            return None
-        deadline = time.monotonic() + (req.timeout_s or self.fleet.roster.bus.verify_timeout_s)
-        if not await self._verify(d, slot, adapter, mk, use_ack, was_busy, deadline):
-            return self._requeue(d)
-        return None
-
-    async def _verify(self, d: Delivery, slot: Slot, adapter: Any, mk: str, use_ack: bool, was_busy: bool,
-                      deadline: float) -> bool:
-        """Decide ``d``'s outcome by ack or pane diff until ``deadline`` (monotonic s). A message
-        the runtime's TUI holds becomes ``runtime-queued`` and a follower task waits for it to be
-        taken, so the slot's next message is not held up by a long turn. Returns False when the
-        runtime died before acknowledging it (the caller puts it back: :meth:`_requeue`)."""
-        w = d.waiter
-        w.use_ack = use_ack
-        as_queued = d.req.model_copy(update={"wait": "queued"})
-
-        def result(outcome: str, **kw: Any) -> P.SendResult:
-            return self._result(d, outcome, **kw)
-
-        if use_ack:
-            r = await self._verify_by_ack(slot, adapter, mk, w, as_queued, deadline, was_busy, result)
-            if r is None and not w.died and not w.accepted.is_set() and self._sidecar_lost(w):
-                use_ack = w.use_ack = False  # an ack in flight may be gone with it: the pane decides
-                r = await self._verify_by_pane(slot, adapter, mk, w, as_queued, deadline, result)
-        else:
-            r = await self._verify_by_pane(slot, adapter, mk, w, as_queued, deadline, result)
-        if w.died and not await self._ack_after_death(slot, w):
-            return False
-        if r is None and w.accepted.is_set():  # the ack came just as the runtime died
-            r = result("accepted", evidence="runtime-ack", submit_retries=w.retries, queued_ms=w.queued_ms(),
-                       session_id=w.ack.session_id if w.ack else None)
-        r = r or await self._final_verdict(slot, adapter, mk, w, use_ack, result)
-        if r.result != "queued":
-            self._finish(d, r)
-            return True
-        r = r.model_copy(update={"held_by": "runtime"})
-        self.journal.set_state(d.rec, "runtime-queued", held_by="runtime", evidence=r.evidence, queued_ms=r.queued_ms)
-        self.publish("message", slot.name, id=d.rec.id, state="runtime-queued", result="queued", held_by="runtime",
-                     evidence=r.evidence)
-        if d.req.wait == "queued":
-            d.reply(r)
-        self._tg.start_soon(self._follow_queued, d, slot, adapter, mk, use_ack, r)
-        return True
-
-    async def _follow_queued(self, d: Delivery, slot: Slot, adapter: Any, mk: str, use_ack: bool,
-                             queued: P.SendResult) -> None:
-        """Wait for a runtime-queued message to be taken: the runtime's ack, or (pane-diff
-        runtimes) its marker above the input line; until the SEND's ``timeout_s`` with
-        ``wait="accepted"``, else :data:`QUEUE_TIMEOUT_S` s after the SEND. Then ``accepted`` or
-        ``unconfirmed``."""
-        w = d.waiter
-        limit = d.req.timeout_s if d.req.wait == "accepted" and d.req.timeout_s else P.QUEUE_TIMEOUT_S
-        deadline = d.t0 + limit
-        with anyio.move_on_after(max(0.0, deadline - time.monotonic())) as d.follow_scope:
-            while not w.accepted.is_set():
-                if use_ack:
-                    await w.accepted.wait()
-                    break
-                await anyio.sleep(0.25)
-                try:
-                    scr = await self.transport.screen(slot.name, history=HISTORY_ROWS)
-                except SlotNotFound:
-                    break
-                if verify.classify(adapter, scr, mk) == "accepted":
-                    self._finish(d, self._result(d, "accepted", evidence="pane-diff", queued_ms=queued.queued_ms,
-                                                 submit_retries=w.retries))
-                    return
-        if w.accepted.is_set():
-            self._finish(d, self._result(d, "accepted", evidence="runtime-ack", queued_ms=queued.queued_ms,
-                                         submit_retries=w.retries, session_id=w.ack.session_id if w.ack else None))
-        elif w.died and d.final is None and await self._ack_after_death(slot, w):
-            self._finish(d, self._result(d, "accepted", evidence="runtime-ack", queued_ms=queued.queued_ms,
-                                         submit_retries=w.retries, session_id=w.ack.session_id if w.ack else None))
-        elif w.died and d.final is None:
-            self._requeue(d)
-            q = self._slot_queue(d.rec.slot)
-            at = next((i for i, o in enumerate(q.items) if o.rec.state == "queued" and o.rec.created > d.rec.created),
-                      len(q.items))
-            q.items.insert(at, d)
-            q.wake()
-        elif d.final is None:
-            self._finish(d, self._result(d, "unconfirmed", queued_ms=queued.queued_ms, submit_retries=w.retries,
-                                         detail=f"held in the runtime's queue and not taken within {limit:g} s"))
-
-    # -- recovery after a router restart --------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Queue the journal's unfinished messages again, in their order. Messages that were
-        being typed or verified get a waiter at once, so acks the sidecars replay after they
-        re-register find them (see :meth:`_recover_one`)."""
-        fields = set(P.SendRequest.model_fields)
-        n = 0
-        for rec in self.journal.unfinished():
-            if rec.id in self.inflight:
-                continue
-            d = Delivery(rec, P.SendRequest(req="recovered", to=rec.slot, body=rec.body, sender=rec.sender,
-                                            **{k: v for k, v in rec.options.items() if k in fields}),
-                         time.monotonic(), recovered=True)
-            if rec.slot not in self.fleet.slots:
-                self._finish(d, self._result(d, "rejected", code="unknown-slot",
-                                             detail=f"slot {rec.slot!r} is no longer in the roster"))
-                continue
-            if rec.state != "queued":
-                d.waiter = self.waiters[rec.id] = _Waiter(rec.slot, rec.id, d.t0)
-            self.inflight[rec.id] = d
-            self._slot_queue(rec.slot).put(d)
-            n += 1
-        if n:
-            states = Counter(d.rec.state for d in self.inflight.values())
-            log.info("recovered %d unfinished message(s) from the journal (%s)", n,
-                     ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
-
-    async def _recover_one(self, d: Delivery) -> Unavailable | None:
-        """Finish a message that a previous router left ``typing``, ``injected`` or
-        ``runtime-queued``. Never types it twice:
-
-        1. a hook runtime's sidecar re-registers and replays its recent acks (waited for up to
-           the slot's liveness period plus RECOVERY_GRACE_S): an ack makes it ``accepted``;
-        2. the marker anywhere in the pane (screen and RECOVERY_HISTORY_ROWS of scrollback)
-           means it was typed: verification resumes (a draft gets its one submit key);
-        3. a message left ``typing`` whose marker is nowhere in the pane of the same process
-           (same pane pid) of a :attr:`Adapter.line_history` runtime was never typed: it is
-           typed now;
-        4. anything else is ``unconfirmed`` (no evidence either way; it is not re-typed).
-        """
-        rec, w = d.rec, d.waiter
-        slot = self.fleet.slots[rec.slot]
-        adapter = get_adapter(slot.runtime)
-        mk = marker(rec.id)
-        if adapter.has_hook and self.spawn_sidecars:
-            deadline = time.monotonic() + slot.heartbeat_ms * slot.liveness / 1000 + RECOVERY_GRACE_S
-            while not w.accepted.is_set() and time.monotonic() < deadline:
-                peer = self.table.peers.get(slot.name)
-                if peer is not None and self.table.clock() - peer.registered_at >= ACK_REPLAY_S:
-                    break
-                w.changed = anyio.Event()
-                with anyio.move_on_after(0.1):
-                    await w.changed.wait()
-        if w.accepted.is_set():
-            self._finish(d, self._result(d, "accepted", evidence="runtime-ack", session_id=w.ack.session_id if w.ack else None,
-                                         detail="acknowledged after the router restarted"))
-            return None
-        try:
-            screen = await self.transport.screen(slot.name, history=RECOVERY_HISTORY_ROWS)
-        except SlotNotFound:
-            screen = None
-        seen = screen is not None and mk in screen.text
-        peer = self.table.peers.get(slot.name)
-        use_ack = adapter.has_hook and peer is not None and not peer.stale
-        w.peer = peer if use_ack else None
-        if seen and screen is not None and not screen.dead:
-            deadline = time.monotonic() + (d.req.timeout_s or self.fleet.roster.bus.verify_timeout_s)
-            if not await self._verify(d, slot, adapter, mk, use_ack, False, deadline):
-                return self._requeue(d)
-            return None
-        typing_pid = next((c["data"].get("pane_pid") for c in reversed(self.journal.changes_of(rec.id))
-                           if c["state"] == "typing"), None)
-        if (rec.state == "typing" and not seen and adapter.line_history and screen is not None and not screen.dead
-                and typing_pid is not None and screen.pid == typing_pid):
-            self.journal.set_state(rec, "queued", held_by="fleetbus",
-                                   detail="not in the pane: the router stopped before typing it; typing it now")
-            self.waiters.pop(rec.id, None)
-            return await self._attempt(d)
-        why = ("the router stopped while typing it" if rec.state == "typing"
-               else "the router restarted before the runtime acknowledged it")
-        self._finish(d, self._result(d, "unconfirmed", detail=f"{why}; no ack and no pane evidence since; "
-                                                              "it is not typed again"))
-        return None
-
-    async def _verify_by_ack(self, slot: Slot, adapter: Any, mk: str, w: _Waiter, req: P.SendRequest,
-                             deadline: float, was_busy: bool, result: Any) -> P.SendResult | None:
-        """Wait for the runtime's ack. One look at the pane after DRAFT_CHECK_S: a message still in
-        the input line lost its submit key (seen with Claude Code 2.1.197 right after start-up) and
-        gets the one extra key; a busy runtime's queue indicator makes the message ``queued``.
-        While the slot was busy at send time the pane is watched for the queue indicator every
-        QUEUE_POLL_S. Returns None when the deadline passed without an answer, and as soon as the
-        slot's sidecar is lost (stale, or re-registered: a sidecar killed with hook datagrams in its
-        queue loses them), so the caller can decide from the pane instead."""
-        check_at = time.monotonic() + DRAFT_CHECK_S
-        draft_checked = False
-        watch = was_busy  # poll the pane for the queue indicator
-        while not w.accepted.is_set() and not w.died:
-            now = time.monotonic()
-            if now >= deadline or (w.queued_at is not None and req.wait == "queued") or self._sidecar_lost(w):
-                break
-            if w.queued_at is not None:
-                until = deadline
-            elif watch:
-                until = min(deadline, now + QUEUE_POLL_S, check_at if not draft_checked else deadline)
-            elif not draft_checked:
-                until = min(deadline, check_at)
-            else:
-                until = deadline
-            until = min(until, now + SIDECAR_CHECK_S)
-            w.changed = anyio.Event()
-            with anyio.move_on_after(max(0.0, until - time.monotonic())):
-                await w.changed.wait()
-            if w.accepted.is_set() or w.queued_at is not None:
-                continue
-            due = not draft_checked and time.monotonic() >= check_at
-            if not (watch or due):
-                continue
-            try:
-                verdict = verify.classify(adapter, await self.transport.screen(slot.name), mk)
-            except SlotNotFound:
-                return None
-            if verdict == "queued":
-                w.queued_at = time.monotonic()
-            elif due:
-                draft_checked = True
-                if verdict == "draft":
-                    await self.transport.send_keys(slot.name, adapter.submit.key)
-                    w.retries = 1
-                    watch = True  # the late submit may land in a queue
-        if w.accepted.is_set():
-            ack = w.ack
-            return result("accepted", id=w.msg_id, evidence="runtime-ack", submit_retries=w.retries,
-                          session_id=ack.session_id if ack else None, queued_ms=w.queued_ms())
-        if w.queued_at is not None:
-            return result("queued", id=w.msg_id, evidence="runtime-ack" if w.queued_ack else "pane-diff",
-                          submit_retries=w.retries, queued_ms=w.queued_ms(),
-                          detail=f"{slot.name!r} is in a turn; its TUI holds the message and takes it when the "
-                                 "turn ends" + ("" if req.wait == "queued" else " (not taken before the timeout)"))
-        return None
-
-    async def _verify_by_pane(self, slot: Slot, adapter: Any, mk: str, w: _Waiter, req: P.SendRequest,
-                              deadline: float, result: Any) -> P.SendResult | None:
-        """Pane-diff: poll the screen until the marker shows above the input region. A message
-        still in the input line DRAFT_CHECK_S after typing gets the one extra submit key."""
-        check_at = time.monotonic() + DRAFT_CHECK_S
-        while time.monotonic() < deadline and not w.died:
-            try:
-                scr = await self.transport.screen(slot.name, history=HISTORY_ROWS)
-            except SlotNotFound:
-                return None
-            verdict = verify.classify(adapter, scr, mk)
-            if verdict == "accepted":
-                return result("accepted", id=w.msg_id, evidence="pane-diff", queued_ms=w.queued_ms(),
-                              submit_retries=w.retries,
-                              detail="" if not adapter.has_hook else "sidecar not connected: verified by pane diff")
-            if verdict == "draft" and not w.retries and time.monotonic() >= check_at:
-                await self.transport.send_keys(slot.name, adapter.submit.key)
-                w.retries = 1
-            if verdict == "queued" and w.queued_at is None:
-                w.queued_at = time.monotonic()
-                if req.wait == "queued":
-                    return result("queued", id=w.msg_id, evidence="pane-diff", queued_ms=w.queued_ms(),
-                                  detail=f"{slot.name!r} is busy; its TUI holds the message")
-            await anyio.sleep(POLL_S)
-        return None
-
-    async def _final_verdict(self, slot: Slot, adapter: Any, mk: str, w: _Waiter, use_ack: bool,
-                             result: Any) -> P.SendResult:
-        """After the timeout: a draft gets one extra submit key in all (never re-typed text)."""
-        msg_id, retries = w.msg_id, w.retries
-        draft_detail = (f"the message sits unsubmitted in the input line of {slot.name!r} "
-                        f"(one extra {adapter.submit.key} was sent)")
-        try:
-            verdict = verify.classify(adapter, await self.transport.screen(slot.name, history=HISTORY_ROWS), mk)
-        except SlotNotFound:
-            return result("unconfirmed", id=msg_id, detail=f"slot {slot.name!r} vanished during verification")
-        if verdict == "queued" or w.queued_at is not None and verdict != "draft":
-            return result("queued", id=msg_id, evidence="runtime-ack" if w.queued_ack else "pane-diff",
-                          submit_retries=retries, queued_ms=w.queued_ms(),
-                          detail="its TUI still holds the message after the timeout")
-        if verdict == "draft" and retries:
-            return result("draft", id=msg_id, submit_retries=retries, detail=draft_detail)
-        if verdict != "draft":
-            return result("unconfirmed", id=msg_id, submit_retries=retries,
-                          detail="no runtime ack and no pane evidence before the timeout")
-        await self.transport.send_keys(slot.name, adapter.submit.key)
-        with anyio.move_on_after(1.0 if use_ack else 0.5):
-            if use_ack:
-                await w.accepted.wait()
-            else:
-                await anyio.sleep(0.5)
-        if w.accepted.is_set():
-            return result("accepted", id=msg_id, evidence="runtime-ack", submit_retries=1,
-                          session_id=w.ack.session_id if w.ack else None)
-        scr = await self.transport.screen(slot.name, history=HISTORY_ROWS)
-        verdict = verify.classify(adapter, scr, mk)
-        if verdict == "accepted" and not use_ack:
-            return result("accepted", id=msg_id, evidence="pane-diff", submit_retries=1)
-        if verdict == "draft":
-            return result("draft", id=msg_id, submit_retries=1, detail=draft_detail)
-        return result("unconfirmed", id=msg_id, submit_retries=1, detail="no evidence after one extra submit key")
-
-
-class _Waiter:
-    """Verification state of one message in flight."""
-
-    def __init__(self, slot: str, msg_id: str, started: float):
-        self.slot = slot
-        self.msg_id = msg_id
-        self.accepted = anyio.Event()
-        self.changed = anyio.Event()
-        self.ack: P.Ack | None = None
-        self.started = started
-        self.queued_at: float | None = None
-        self.queued_ack = False
-        self.retries = 0
-        self.use_ack = False  # verified by the runtime's ack (its sidecar was connected)
-        self.died = False  # the runtime died before acknowledging it (see Router._runtime_exited)
-        self.peer: Any = None  # the sidecar registered when it was typed
-
-    def queued_ms(self) -> float | None:
-        return None if self.queued_at is None else round((self.queued_at - self.started) * 1000, 3)
-
 
 class RequestError(Exception):
     """A client request that fails with a stable ``code``."""
