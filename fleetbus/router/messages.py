@@ -2,7 +2,7 @@
 
 :class:`MessagePath` is mixed into :class:`fleetbus.router.server.Router`, which owns the state it
 uses (``fleet``, ``transport``, ``table``, ``waiters``, ``queues``, ``inflight``, the journal,
-``publish``, ``_send``, ``_settle_prompt``, the task group). In order:
+``publish``, ``_send``, ``_read_input``, the task group). In order:
 
 - :meth:`MessagePath.send` journals a SEND (idempotency keys, ``when``, ``detach``) and queues it;
 - one worker per slot (:meth:`MessagePath._slot_worker`) types its messages one at a time, in
@@ -137,10 +137,6 @@ class MessagePath:
         ``queued`` held by the runtime (``wait="queued"``), ``queued`` held by fleetbus (the slot is
         not available and ``when="available"``). Never raises for a refused message."""
         t0 = time.monotonic()
-        if req.idempotency_key:
-            rec = self.journal.by_key(req.idempotency_key)
-            if rec is not None:
-                return await self._duplicate(rec, req, t0)
         slot = self.fleet.slots.get(req.to)
         max_bytes = self.fleet.roster.bus.max_body_bytes
         problem: tuple[str, str] | None = None
@@ -159,7 +155,7 @@ class MessagePath:
                             idempotency_key=req.idempotency_key,
                             expires=time.time() + ttl if req.when == "available" else None)
         rec, created = self.journal.add_message(rec)
-        if not created:  # the same key arrived twice at once
+        if not created:  # its idempotency key is already journaled: the insert returned that message
             return await self._duplicate(rec, req, t0)
         d = Delivery(rec, req, t0)
         self.publish("message", req.to, id=rec.id, state="queued", result="queued", held_by="fleetbus")
@@ -211,20 +207,21 @@ class MessagePath:
         """Type the messages of slot ``name`` one at a time, oldest first. A message whose slot is
         not available is rejected (``when=now``) or waits, polled every AVAILABLE_POLL_S, until
         the slot can take it or its TTL ends (``dead-letter``)."""
+        swept = 0.0
         while True:
             await q.wait()
             now = time.time()
-            for other in list(q.items):
-                if other.final is not None:
-                    q.items.remove(other)
-                elif other.rec.expires is not None and now >= other.rec.expires and other.rec.state == "queued":
-                    q.items.remove(other)
-                    self._finish(other, self._result(other, "dead-letter", code="ttl-expired",
-                                                     detail=f"slot {name!r} was not available within the TTL; "
-                                                            "nothing was typed"))
-            if not q.items:
-                continue
+            if now >= swept + AVAILABLE_POLL_S:  # one pass over the queue at most this often, not per message
+                swept = now
+                for other in list(q.items):
+                    if other.final is not None or self._expire(other, now):
+                        q.items.remove(other)
+                if not q.items:
+                    continue
             d = q.items[0]
+            if d.final is not None or self._expire(d, now):  # finished by a late ack, or too late to type
+                q.items.popleft()
+                continue
             try:
                 out = await (self._attempt(d) if d.rec.state == "queued" else self._recover_one(d))
             except Exception as e:  # a bug or a transport failure must never stop the slot's queue
@@ -251,6 +248,14 @@ class MessagePath:
                 elif not other.held:
                     self._hold(other, out)
             await anyio.sleep(AVAILABLE_POLL_S)
+
+    def _expire(self, d: Delivery, now: float) -> bool:
+        """``dead-letter`` for a message still held in the journal past its TTL (True then)."""
+        if d.rec.expires is None or now < d.rec.expires or d.rec.state != "queued":
+            return False
+        self._finish(d, self._result(d, "dead-letter", code="ttl-expired",
+                                     detail=f"slot {d.rec.slot!r} was not available within the TTL; nothing was typed"))
+        return True
 
     async def _ack_after_death(self, slot: Slot, w: _Waiter) -> bool:
         """Wait one heartbeat interval plus 0.5 s for an ack that is still on its way after the
@@ -316,9 +321,7 @@ class MessagePath:
             return Unavailable("slot-down", f"slot {slot.name!r} is not running")
         if screen.dead:
             return Unavailable("slot-dead", f"slot {slot.name!r}: its program has exited (see `fleet ps`)")
-        typed = verify.typed_text(adapter, screen)
-        if typed != "":
-            screen, typed = await self._settle_prompt(slot, adapter)
+        screen, typed = await self._read_input(slot, adapter, screen)
         if typed is None:
             return Unavailable("no-prompt", f"{slot.name!r} is not at its prompt (a program may be running in it, or "
                                             "it is still starting); nothing was typed")

@@ -556,14 +556,18 @@ class Router(MessagePath):
         self.supervisor.started(name, info.pid, by="operator", reason=kind.lower())
         return {"slot": name, "pid": info.pid, "alive": info.alive}
 
-    async def _settle_prompt(self, slot: Slot, adapter: Any) -> tuple[Any, str | None]:
-        """Look again, for up to PROMPT_SETTLE_S, at a pane whose input line is not found or not
+    async def _read_input(self, slot: Slot, adapter: Any, screen: Any) -> tuple[Any, str | None]:
+        """What is typed in the input line of ``screen`` (a capture of ``slot``'s live pane),
+        looking again, for up to PROMPT_SETTLE_S, when the input line is not found or not
         empty. tmux 3.3a ignores synchronized output, so a capture can catch a TUI mid-frame with
         the cursor elsewhere (pi 0.73.1 draws a frame, then moves the cursor back to its editor;
         opencode 1.18.33 redraws its sidebar) or blank (opencode right after a first prompt).
         Returns as soon as the input line is empty, or when two readings 0.1 s apart show the
         same text (a human's draft stays), else at the deadline (no prompt: a program runs).
         Returns ``(screen, typed_text)``; typed_text None: no prompt."""
+        typed = verify.typed_text(adapter, screen)
+        if typed == "":
+            return screen, typed
         deadline = time.monotonic() + PROMPT_SETTLE_S
         previous: str | None = None
         while True:
@@ -642,9 +646,7 @@ class Router(MessagePath):
         screen = await self.transport.screen(slot.name)
         if screen.dead:
             raise RequestError("slot-dead", f"slot {slot.name!r}: its program has exited")
-        typed = verify.typed_text(adapter, screen)
-        if typed != "":
-            screen, typed = await self._settle_prompt(slot, adapter)
+        screen, typed = await self._read_input(slot, adapter, screen)
         if typed is None:
             raise RequestError("no-prompt", f"{slot.name!r} is not at its prompt; nothing was typed")
         if self._is_busy(slot, adapter, screen):
