@@ -7,11 +7,14 @@ Exit codes (stable):
       accepted`` to wait until the runtime takes it; or held by fleetbus's journal: ``--no-wait``,
       or ``--when available`` while the slot is down), or ``injected`` without ``--verify``
 1     ``send``: ``draft`` or ``unconfirmed``; ``reset`` not confirmed; ``interrupt``: still busy;
-      another command could not finish its work
+      ``publish``: a task ``timed-out`` (no free slot within ``--wait-s``, or not done within
+      ``--timeout``); another command could not finish its work
 2     usage or configuration error (bad arguments, invalid roster, unreadable input)
 3     rejected: unknown slot, slot not running or dead, invalid message, busy input line,
       not at its prompt, ``reset`` during a turn, idempotency key reused for another message;
-      ``send``: ``dead-letter`` (its TTL ended before the slot was available)
+      ``send``: ``dead-letter`` (its TTL ended before the slot was available); ``publish``: a task
+      ``failed`` (``no-match``: the selector names no slot; ``slot-died``; ``delivery``), or an
+      invalid body (nothing was created); a bad selector is a usage error (2)
 4     the router is not running or does not answer
 ====  =====================================================================================
 
@@ -373,7 +376,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 
     def what(r: dict) -> str:
         d = r["data"]
-        keys = ("evidence", "code", "held_by", "exit_status", "signal", "duration_s", "backoff_s", "restarts", "reason",
+        keys = ("selector", "evidence", "code", "held_by", "exit_status", "signal", "duration_s", "backoff_s", "restarts", "reason",
                 "pid", "by")
         parts = [f"{k}={d[k]}" for k in keys if d.get(k) is not None]
         if d.get("detail"):
@@ -382,10 +385,136 @@ def cmd_log(args: argparse.Namespace) -> int:
             parts.append("last: " + " | ".join(str(x) for x in d["last_lines"][-3:]))
         return "  ".join(parts)
 
-    table = [[datetime.datetime.fromtimestamp(r["at"]).strftime("%H:%M:%S.%f")[:-3], r["slot"],
+    table = [[datetime.datetime.fromtimestamp(r["at"]).strftime("%H:%M:%S.%f")[:-3], r["slot"] or "-",
               r["id"] or "(slot)", r["state"], what(r)[:160]] for r in rows]
-    print(tabulate(table, headers=["TIME", "SLOT", "MESSAGE", "STATE", "DETAIL"], tablefmt="plain"))
+    print(tabulate(table, headers=["TIME", "SLOT", "ID", "STATE", "DETAIL"], tablefmt="plain"))
     return EXIT_OK
+
+
+#: publish: task state -> exit code (the requested stage reached: 0)
+_TASK_EXIT = {"published": EXIT_OK, "assigned": EXIT_OK, "accepted": EXIT_OK, "done": EXIT_OK,
+              "timed-out": EXIT_FAIL, "failed": EXIT_REJECTED}
+
+
+def _task_line(t) -> str:
+    where = f" on {t.slot}" if t.slot else ""
+    code = f" [{t.code}]" if t.code else ""
+    took = f" in {t.done_ms / 1000:.2f} s" if t.done_ms is not None else ""
+    detail = f": {t.detail}" if t.detail and t.state in ("failed", "timed-out") else ""
+    dup = " [duplicate: nothing new was created]" if t.duplicate else ""
+    return f"{t.id} {t.state}{where}{code}{took}{dup}{detail}"
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    fleet = _fleet(args)
+    body = _read_body(args)
+    from fleetbus.client import RequestFailed
+
+    try:
+        r = _client_call(fleet, lambda c: c.publish(args.to, body, wait=args.wait, wait_s=args.wait_s,
+                                                     timeout_s=args.timeout, allow_busy=args.allow_busy,
+                                                     sender=args.sender, idempotency_key=args.key))
+    except RequestFailed as e:  # nothing was created
+        code = EXIT_USAGE if e.code == "bad-selector" else EXIT_REJECTED
+        raise CliError(f"{e} [{e.code}]", code) from None
+    tasks = r if isinstance(r, list) else [r]
+    if args.json:
+        _emit_json([t.model_dump() for t in tasks] if isinstance(r, list) else r.model_dump())
+    else:
+        for t in tasks:
+            print(_task_line(t))
+    return max(_TASK_EXIT[t.state] for t in tasks)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """Tasks from the journal, read directly (works while the router is down)."""
+    import socket
+
+    from fleetbus.router.journal import Journal, JournalError
+
+    fleet = _fleet(args)
+    try:
+        j = Journal(_paths(fleet).journal, readonly=True, tenant=fleet.tenant, host=socket.gethostname())
+    except JournalError as e:
+        if args.json:
+            _emit_json([])
+        else:
+            print(f"fleet: {e}", file=sys.stderr)
+        return EXIT_OK
+    try:
+        recs = j.tasks(args.state, args.lines)
+    except Exception as e:  # a journal written before tasks existed has no tasks table
+        if "no such table" not in str(e):
+            raise
+        recs = []
+    finally:
+        j.close()
+    rows = [dict(rec.result or {}, id=rec.id, state=rec.state, slot=rec.slot, selector=rec.selector,
+                 group=rec.group, message_id=rec.message_id, created=rec.created) for rec in recs]
+    if args.json:
+        _emit_json(rows)
+        return EXIT_OK
+    import datetime
+
+    from tabulate import tabulate
+
+    table = [[datetime.datetime.fromtimestamp(r["created"]).strftime("%H:%M:%S"), r["id"], r["selector"],
+              r["slot"] or "-", r["state"], r.get("code") or "",
+              f"{r['done_ms'] / 1000:.2f}" if r.get("done_ms") is not None else "",
+              (r.get("detail") or "")[:80] if r["state"] in ("failed", "timed-out") else ""] for r in rows]
+    print(tabulate(table, headers=["CREATED", "TASK", "SELECTOR", "SLOT", "STATE", "CODE", "TOOK_S", "DETAIL"],
+                   tablefmt="plain"))
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """Stream the router's events until interrupted (exit 0 on Ctrl-C / SIGINT / SIGTERM)."""
+    import signal
+
+    fleet = _fleet(args)
+    from fleetbus.client import Client
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    async def main():
+        async with Client(fleet) as c:
+            async with c.events(kinds=args.kind, slot=args.slot) as events:
+                last = None
+                async for ev in events:
+                    if last is not None and ev.seq > last + 1 and not args.kind and not args.slot:
+                        print(f"fleet: missed {ev.seq - last - 1} event(s)", file=sys.stderr)
+                    last = ev.seq
+                    if args.json:
+                        print(json.dumps(ev.model_dump(exclude={"v", "kind"}), default=str), flush=True)
+                    else:
+                        print(_event_line(ev), flush=True)
+
+    try:
+        _run(main)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _event_line(ev) -> str:
+    import datetime
+
+    d = dict(ev.data)
+    when = datetime.datetime.fromtimestamp(ev.at).strftime("%H:%M:%S.%f")[:-3]
+    if ev.topic == "task":
+        head = f"{d.pop('id', '')} {d.pop('state', '')}"
+        keep = ("selector", "code", "detail", "message_id")
+    elif ev.topic == "message":
+        head = f"{d.pop('id', '')} {d.pop('state', '')}"
+        keep = ("evidence", "code", "held_by", "detail")
+    elif ev.topic == "slot":
+        head = str(d.pop("event", ""))
+        keep = tuple(k for k in d if k != "last_lines")
+    else:
+        head = str(d.pop("state", d.pop("event", "")))
+        keep = tuple(d)
+    rest = " ".join(f"{k}={d[k]}" for k in keep if d.get(k) not in (None, "", []))
+    return f"{when} {ev.topic:<9} {ev.slot or '-':<12} {head} {rest}".rstrip()
 
 
 def cmd_slot_op(args: argparse.Namespace) -> int:
@@ -507,6 +636,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: roster bus.message_ttl_s)")
     p.add_argument("--no-wait", action="store_true",
                    help="answer `queued` once the router has journaled the message; follow it with `fleet log`")
+    p = add("publish", cmd_publish, "publish a task to a slot, a class, an idle slot or every slot of a class", True)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("-m", "--message", help="task text")
+    src.add_argument("-f", "--file", help="read the task from FILE (UTF-8)")
+    p.add_argument("--to", required=True, metavar="SELECTOR",
+                   help="NAME (that slot), class:C (any free slot of class C), idle / idle:C (the least recently "
+                        "used idle slot), all:C (one task per slot of class C)")
+    p.add_argument("--wait", choices=["published", "assigned", "accepted", "done"], default="published",
+                   help="answer once the task reaches this stage or ends (default: published, at once)")
+    p.add_argument("--wait-s", type=float, default=None,
+                   help="seconds the task may wait for a free matching slot (default: roster bus.task_wait_s; "
+                        "0: fail at once), then timed-out [no-slot]")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds an assigned task may take to be done (default: roster bus.task_timeout_s)")
+    p.add_argument("--allow-busy", action="store_true",
+                   help="a slot that holds another task or whose runtime is busy may take it (its TUI queues it)")
+    p.add_argument("--from", dest="sender", default=os.environ.get("FLEETBUS_SLOT") or "ops",
+                   help="sender shown in the message tag (default: $FLEETBUS_SLOT or 'ops')")
+    p.add_argument("--key", default=None, help="idempotency key: a repeated key creates nothing new")
+    p = add("tasks", cmd_tasks, "tasks from the journal (works without the router)", True)
+    p.add_argument("--state", default=None, choices=["published", "assigned", "accepted", "done", "failed", "timed-out"])
+    p.add_argument("-n", "--lines", type=int, default=50, help="latest N tasks (default 50)")
+    p = add("events", cmd_events, "stream the router's events (heartbeat, message, task, slot, hook) until Ctrl-C", True)
+    p.add_argument("--slot", default=None, help="only events of this slot")
+    p.add_argument("--kind", action="append", default=None, choices=["heartbeat", "message", "task", "slot", "hook"],
+                   help="only events of this kind (repeatable)")
     p = add("log", cmd_log, "history of messages and slot events from the journal (works without the router)", True)
     p.add_argument("slot", nargs="?", default=None)
     p.add_argument("-n", "--lines", type=int, default=50, help="latest N records (default 50)")

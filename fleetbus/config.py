@@ -124,6 +124,58 @@ class TransportConfig(_Model):
 TCP_RE = re.compile(r"tcp://(\*|[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 
 
+#: Fields a kickstart template may use: the task's ``body``, ``task_id``, ``slot``, ``sender``
+#: and ``selector``.
+KICKSTART_FIELDS = ("body", "task_id", "slot", "sender", "selector")
+
+
+def check_kickstart(value: str) -> str:
+    """Validate a kickstart template: ``str.format`` syntax with only :data:`KICKSTART_FIELDS`
+    as plain names (no attribute or index access, no conversions or format specs), ``{body}``
+    exactly once, no control characters but newline and tab. ``{{``/``}}`` are literal braces.
+
+    Raises:
+        ValueError: what is wrong, naming the field.
+    """
+    import string
+
+    if any((c < " " and c not in "\n\t") or "\x7f" <= c <= "\x9f" for c in value):
+        raise ValueError("contains a control character (only newline and tab are allowed)")
+    try:
+        parts = list(string.Formatter().parse(value))
+    except ValueError as e:
+        raise ValueError(f"not a valid template: {e} (write {{{{ and }}}} for literal braces)") from None
+    bodies = 0
+    for _, name, spec, conv in parts:
+        if name is None:
+            continue
+        if name not in KICKSTART_FIELDS:
+            raise ValueError(f"unknown field {{{name}}}; a kickstart may use {', '.join('{%s}' % f for f in KICKSTART_FIELDS)}")
+        if spec or conv:
+            raise ValueError(f"field {{{name}}} takes no format spec or conversion")
+        bodies += name == "body"
+    if bodies != 1:
+        raise ValueError(f"must contain {{body}} exactly once (found {bodies})")
+    return value
+
+
+def render_kickstart(template: str | None, *, body: str, task_id: str, slot: str, sender: str, selector: str) -> str:
+    """The text delivered for a task: ``template`` with its fields filled in, or ``body`` when
+    ``template`` is None. Field values are inserted literally (never parsed as templates).
+
+    Raises:
+        ValueError: ``template`` fails :func:`check_kickstart`.
+    """
+    if template is None:
+        return body
+    check_kickstart(template)
+    return template.format(body=body, task_id=task_id, slot=slot, sender=sender, selector=selector)
+
+
+#: ``kickstart:`` of a slot or of ``defaults``: a template wrapping each task's body.
+Kickstart = Annotated[str, AfterValidator(check_kickstart)]
+
+
 def _check_tcp(value: str) -> str:
     m = TCP_RE.fullmatch(value)
     if not m or not 1 <= int(m.group(2)) <= 65535:
@@ -143,6 +195,9 @@ class BusConfig(_Model):
     bytes). ``verify_timeout_s`` (s) is the default ``send --verify`` timeout. ``message_ttl_s`` (s)
     is how long a ``send --when available`` message waits for its slot before ``dead-letter``.
     ``tcp`` (``tcp://HOST:PORT``, optional) is where remote sidecars connect with CURVE keys.
+    ``task_wait_s`` (s) is how long a published task waits for a matching free slot before it is
+    ``timed-out`` (code ``no-slot``); ``task_timeout_s`` (s) is how long an assigned task may take
+    to reach ``done`` (the runtime's turn-complete signal) before it is ``timed-out``.
     """
 
     heartbeat_ms: int = Field(1000, ge=50, le=60_000)
@@ -150,6 +205,8 @@ class BusConfig(_Model):
     max_body_bytes: int = Field(65_536, ge=64, le=1_048_576)
     verify_timeout_s: float = Field(10.0, gt=0, le=3600)
     message_ttl_s: float = Field(3600.0, gt=0, le=30 * 86400)  # when=available: held this long (s)
+    task_wait_s: float = Field(3600.0, ge=0, le=30 * 86400)
+    task_timeout_s: float = Field(3600.0, gt=0, le=30 * 86400)
     # supervision (fleetbus.router.supervisor): the n-th restart of a slot within crash_loop_window_s (s)
     # waits min(restart_backoff_ms × 2^(n-1), restart_backoff_max_ms) ms; more than crash_loop_restarts
     # restarts within the window stop restarting (CRASH-LOOP until an operator start/restart)
@@ -177,6 +234,7 @@ class Defaults(_Model):
     env: Env = Field(default_factory=dict)
     class_: str | None = Field(None, alias="class")
     restart: RestartPolicy = "on-failure"
+    kickstart: Kickstart | None = None
 
 
 class AgentConfig(_Model):
@@ -192,6 +250,7 @@ class AgentConfig(_Model):
     liveness: int | None = Field(None, ge=1, le=100)
     reset_between_tasks: bool = False
     restart: RestartPolicy | None = None
+    kickstart: Kickstart | None = None
 
 
 class Roster(_Model):
@@ -234,6 +293,10 @@ class Slot(BaseModel):
         heartbeat_ms: ping interval (ms). liveness: missed intervals before ``stale``.
         restart: what the router does when the slot's program exits: ``always``, ``on-failure``
             (exit status != 0 or killed by a signal) or ``no``.
+        reset_between_tasks: the router resets the runtime's session (``/clear``...) after each
+            task it ran, before the slot takes another.
+        kickstart: template that wraps a task's body when it is delivered to this slot
+            (:func:`render_kickstart`), or None (the body alone).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -248,9 +311,10 @@ class Slot(BaseModel):
     liveness: int
     reset_between_tasks: bool = False
     restart: str = "on-failure"
+    kickstart: str | None = None
 
 
-class Fleet(BaseModel):
+class FleetConfig(BaseModel):
     """A loaded roster: the file it came from, the tenant, and resolved slots."""
 
     model_config = ConfigDict(frozen=True)
@@ -300,7 +364,7 @@ def _format_errors(err: ValidationError) -> list[str]:
     return problems
 
 
-def parse_roster(data: Any, file: str | Path = "<roster>", base_dir: Path | None = None) -> Fleet:
+def parse_roster(data: Any, file: str | Path = "<roster>", base_dir: Path | None = None) -> FleetConfig:
     """Validate already-parsed YAML ``data`` and resolve its slots.
 
     Raises:
@@ -332,11 +396,12 @@ def parse_roster(data: Any, file: str | Path = "<roster>", base_dir: Path | None
             liveness=a.liveness or roster.bus.liveness,
             reset_between_tasks=a.reset_between_tasks,
             restart=a.restart or d.restart,
+            kickstart=a.kickstart if a.kickstart is not None else d.kickstart,
         )
-    return Fleet(path=Path(file).resolve() if file != "<roster>" else None, tenant=tenant, roster=roster, slots=slots)
+    return FleetConfig(path=Path(file).resolve() if file != "<roster>" else None, tenant=tenant, roster=roster, slots=slots)
 
 
-def load_roster(path: str | Path) -> Fleet:
+def load_roster(path: str | Path) -> FleetConfig:
     """Read and validate the roster file at ``path``.
 
     Relative workdirs resolve against the roster's folder.

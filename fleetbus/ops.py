@@ -11,7 +11,7 @@ import time
 import anyio
 
 from fleetbus.client import RouterUnavailable, SyncClient
-from fleetbus.config import Fleet
+from fleetbus.config import FleetConfig
 from fleetbus.paths import FleetPaths
 from fleetbus.protocol import SlotStatus
 from fleetbus.router import procs
@@ -30,7 +30,7 @@ def _log_tail(path, n: int = 15) -> str:
         return "(no log)"
 
 
-def ps(fleet: Fleet, paths: FleetPaths) -> list[SlotStatus]:
+def ps(fleet: FleetConfig, paths: FleetPaths) -> list[SlotStatus]:
     """Status of every slot: from the router, or from tmux + heartbeat files when it is down."""
     if procs.router_pid(paths) is not None:
         try:
@@ -43,7 +43,7 @@ def ps(fleet: Fleet, paths: FleetPaths) -> list[SlotStatus]:
                           supervision=_supervision_from_journal(fleet, paths))
 
 
-def _supervision_from_journal(fleet: Fleet, paths: FleetPaths) -> dict | None:
+def _supervision_from_journal(fleet: FleetConfig, paths: FleetPaths) -> dict | None:
     """Restart counts, last exits and CRASH-LOOP from the journal (read-only), or None without one."""
     from fleetbus.router.journal import Journal, JournalError
     from fleetbus.router.supervisor import status_from_journal
@@ -58,7 +58,7 @@ def _supervision_from_journal(fleet: Fleet, paths: FleetPaths) -> dict | None:
         journal.close()
 
 
-def up(fleet: Fleet, paths: FleetPaths, timeout_s: float = 20.0) -> tuple[bool, list[SlotStatus]]:
+def up(fleet: FleetConfig, paths: FleetPaths, timeout_s: float = 20.0) -> tuple[bool, list[SlotStatus]]:
     """Start the router in the background if it is not running; wait for the slots' sidecars.
 
     Returns ``(router_started, rows)``. Waits up to ``timeout_s`` s for every live slot's
@@ -91,7 +91,7 @@ def up(fleet: Fleet, paths: FleetPaths, timeout_s: float = 20.0) -> tuple[bool, 
         time.sleep(0.1)
 
 
-def down(fleet: Fleet, paths: FleetPaths, timeout_s: float = 15.0) -> dict:
+def down(fleet: FleetConfig, paths: FleetPaths, timeout_s: float = 15.0) -> dict:
     """Stop everything of this tenant: sidecars, slots, the fleet's tmux server, the router.
 
     Only this fleet's own tmux socket is killed. Returns ``{"via": "router"|"local", ...}``.

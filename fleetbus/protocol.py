@@ -8,8 +8,9 @@ crashes a reader.
 
 Sidecar → router: ``HELLO``, ``PING``, ``ACK``, ``BYE``, and ``HOOK`` (hook events forwarded).
 Router → sidecar: ``WELCOME``, ``PONG``, ``EXPECT``, ``DISCONNECT``.
-Client → router: ``SEND``, ``PS``, ``START``, ``STOP``, ``RESTART``, ``RESET``, ``INTERRUPT``, ``HEALTH``,
-``SHUTDOWN``; the router answers each with a ``RESULT`` carrying the same ``req``.
+Client → router: ``SEND``, ``PUBLISH`` (a task), ``TASK`` (a task's state), ``PS``, ``START``, ``STOP``,
+``RESTART``, ``RESET``, ``INTERRUPT``, ``HEALTH``, ``SHUTDOWN``; the router answers each with a
+``RESULT`` carrying the same ``req``.
 Runtime hook → sidecar (local Unix datagram socket; extensions use JSON lines on a stream socket): ``HOOK``.
 Router PUB socket: ``EVENT`` frames ``[topic][msgpack map]``.
 
@@ -59,6 +60,14 @@ Utf8Text = Annotated[str, AfterValidator(_utf8)]
 SlotState = Literal["starting", "idle", "busy", "unknown", "dead"]
 Evidence = Literal["runtime-ack", "pane-diff"]
 Outcome = Literal["accepted", "queued", "injected", "draft", "unconfirmed", "rejected", "dead-letter"]
+#: A task's lifecycle: ``published`` (journaled, waiting for a matching free slot) → ``assigned``
+#: (a slot holds it; its message is being delivered) → ``accepted`` (the runtime took it) → one
+#: of the final ``done`` (the runtime's turn-complete signal), ``failed`` (``code`` says why) and
+#: ``timed-out`` (no free slot within ``wait_s``, or no turn-complete within ``timeout_s``).
+TaskState = Literal["published", "assigned", "accepted", "done", "failed", "timed-out"]
+TASK_FINAL = ("done", "failed", "timed-out")
+#: Order of the task states, for "has it reached stage X?"
+TASK_STAGES = {"published": 0, "assigned": 1, "accepted": 2, "done": 3, "failed": 3, "timed-out": 3}
 HookEventName = Literal["prompt-submit", "prompt-queued", "turn-start", "turn-end", "session-start"]
 
 
@@ -196,6 +205,46 @@ class SendRequest(_Env):
     detach: bool = False
 
 
+class PublishRequest(_Env):
+    """Create a task for the slot(s) ``to`` selects (see :func:`fleetbus.router.tasks.parse_selector`):
+    a slot name, ``class:<class>``, ``idle``, ``idle:<class>`` or ``all:<class>`` (one task per
+    slot of the class).
+
+    ``wait``: answer once the task reaches this stage (``published`` answers as soon as it is
+    journaled) or ends. ``wait_s`` (s): how long the task may wait for a matching free slot
+    (default roster ``bus.task_wait_s``; 0: fail at once when none is free). ``timeout_s`` (s):
+    how long an assigned task may take to reach ``done`` (default ``bus.task_timeout_s``).
+    ``allow_busy``: a slot that holds another task or whose runtime is busy may get this one (its
+    TUI queues it). ``kickstart``: a template for this task (:func:`fleetbus.config.check_kickstart`)
+    instead of the slot's roster ``kickstart``. ``idempotency_key``: as for SEND; a known key
+    answers with that task's state and creates nothing.
+    """
+
+    kind: Literal["PUBLISH"] = "PUBLISH"
+    req: Ident
+    to: Ident
+    body: Utf8Text
+    sender: Ident = "ops"
+    wait: Literal["published", "assigned", "accepted", "done"] = "published"
+    wait_s: Seconds | None = None
+    timeout_s: Seconds | None = None
+    allow_busy: bool = False
+    kickstart: Utf8Text | None = None
+    idempotency_key: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+
+
+class TaskRequest(_Env):
+    """The state of task ``id`` (or of every task of a broadcast ``group``), answered when it
+    reaches ``wait`` (or ends) or after ``timeout_s`` s with its state then; ``wait`` None
+    answers at once."""
+
+    kind: Literal["TASK"] = "TASK"
+    req: Ident
+    id: Ident
+    wait: Literal["assigned", "accepted", "done"] | None = None
+    timeout_s: Seconds | None = None
+
+
 class PsRequest(_Env):
     kind: Literal["PS"] = "PS"
     req: Ident
@@ -211,8 +260,12 @@ class SlotRequest(_Env):
 
 
 class HealthRequest(_Env):
+    """Router health. With ``probe`` the router also publishes an event with topic ``probe`` and
+    ``data.probe`` = this token, so a subscriber knows its subscription is live."""
+
     kind: Literal["HEALTH"] = "HEALTH"
     req: Ident
+    probe: Ident | None = None
 
 
 class ShutdownRequest(_Env):
@@ -329,6 +382,51 @@ class SlotStatus(BaseModel):
     restart: Literal["always", "on-failure", "no"] = "on-failure"
     restarts: int = 0
     last_exit: dict[str, Any] | None = None
+    task: str | None = None
+
+
+class TaskResult(BaseModel):
+    """One task, as ``fleet publish --json`` prints it and ``Fleet.publish`` returns it.
+
+    Attributes:
+        id: task id (``t`` + 11 hex chars). group: the broadcast id shared by the tasks of one
+            ``all:<class>`` publish, else None.
+        selector: what the task was published to. state: see :data:`TaskState`.
+        slot: the slot that holds or held it (None while ``published``). message_id: the
+            message that delivered it (``fleet log --id``).
+        code: why it ``failed`` or ``timed-out``: ``no-match`` (the selector names no slot of the
+            roster), ``no-slot`` (no matching slot was free within ``wait_s``), ``slot-died`` (its
+            runtime exited or was stopped or restarted while it held the task), ``delivery``
+            (the message was not accepted: ``detail`` has its result), ``turn-timeout`` (no
+            turn-complete within ``timeout_s``), ``no-turn-signal`` (a named slot whose runtime
+            has no hooks, so ``done`` could never be known).
+        detail: human-readable reason. reset: the slot's session was reset after this task
+            (``reset_between_tasks``): True, False (the reset failed), None (not asked).
+        created, assigned_at, accepted_at, finished_at: Unix s.
+        accepted_ms, done_ms: ms from publish to ``accepted`` and to the final state.
+        duplicate: this PUBLISH repeated an idempotency key; nothing new was created.
+    """
+
+    tenant_id: str
+    host: str
+    id: str
+    group: str | None = None
+    selector: str
+    state: TaskState
+    slot: str | None = None
+    message_id: str | None = None
+    sender: str = "ops"
+    code: str | None = None
+    detail: str = ""
+    reset: bool | None = None
+    created: float
+    assigned_at: float | None = None
+    accepted_at: float | None = None
+    finished_at: float | None = None
+    accepted_ms: float | None = None
+    done_ms: float | None = None
+    idempotency_key: str | None = None
+    duplicate: bool = False
 
 
 # --- runtime hook -> sidecar -------------------------------------------------------------------
@@ -356,10 +454,19 @@ class HookEvent(_Env):
 
 
 class Event(_Env):
-    """One event on the router's PUB socket; the topic frame is ``topic``."""
+    """One event on the router's PUB socket; the topic frame is ``topic``.
+
+    Topics: ``heartbeat`` (``data.state``: ``registered``, ``idle``, ``busy``, ``stale``,
+    ``gone``...), ``message`` (a message's state change), ``task`` (a task's state change; data
+    as :class:`TaskResult`), ``slot`` (``data.event``: ``started``, ``exited``, ``stopped``,
+    ``restarting``, ``crash-loop``, ``reset``...), ``hook`` (a runtime hook event), ``probe``.
+    ``seq`` counts the router's events from 1 (per router process): a gap means the subscriber
+    missed events (PUB drops when a subscriber falls 100,000 events behind).
+    """
 
     kind: Literal["EVENT"] = "EVENT"
     topic: Ident
+    seq: int = 0
     slot: Ident | None = None
     tenant_id: Ident
     host: Ident
@@ -369,7 +476,7 @@ class Event(_Env):
 
 ENVELOPES: tuple[type[_Env], ...] = (
     Hello, Ping, Ack, Bye, Welcome, Pong, Expect, Disconnect,
-    SendRequest, PsRequest, SlotRequest, HealthRequest, ShutdownRequest, Result,
+    SendRequest, PublishRequest, TaskRequest, PsRequest, SlotRequest, HealthRequest, ShutdownRequest, Result,
     HookEvent, Event,
 )
 Envelope = Annotated[Union[ENVELOPES], Field(discriminator="kind")]  # noqa: UP007 (a tuple of types)

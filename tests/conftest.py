@@ -23,7 +23,7 @@ import anyio
 
 from fleetbus import ops
 from fleetbus.client import Client
-from fleetbus.config import Fleet, load_roster
+from fleetbus.config import FleetConfig, load_roster
 from fleetbus.paths import FleetPaths, fleet_paths
 from fleetbus.router import procs
 from fleetbus.transports.tmux import TmuxTransport
@@ -54,7 +54,7 @@ class FleetEnv:
 
     home: Path
     roster: Path
-    fleet: Fleet
+    fleet: FleetConfig
     paths: FleetPaths
     env: dict[str, str]
 

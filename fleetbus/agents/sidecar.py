@@ -43,7 +43,7 @@ import zmq.asyncio
 from fleetbus import protocol as P
 from fleetbus.adapters.base import find_markers
 from fleetbus.agents.hook import EVENTS, payload_fields, spool_path
-from fleetbus.config import Fleet
+from fleetbus.config import FleetConfig
 from fleetbus.paths import FleetPaths, fleet_paths
 from fleetbus.router.procs import write_pidfile
 
@@ -71,7 +71,7 @@ class Sidecar:
             client (see :mod:`fleetbus.keys`).
     """
 
-    def __init__(self, fleet: Fleet, slot: str, paths: FleetPaths | None = None, router: str | None = None,
+    def __init__(self, fleet: FleetConfig, slot: str, paths: FleetPaths | None = None, router: str | None = None,
                  curve: tuple[bytes, bytes, bytes] | None = None):
         self.fleet = fleet
         self.slot = fleet.slot(slot)

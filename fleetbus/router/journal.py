@@ -1,4 +1,4 @@
-"""The tenant's journal: every message, its state changes and slot lifecycle events, in SQLite.
+"""The tenant's journal: every message and task, their state changes and slot lifecycle events, in SQLite.
 
 One database per tenant at :attr:`FleetPaths.journal` (``<state_dir>/journal.sqlite3``), in WAL
 mode with ``synchronous=FULL``: a message is committed (and fsynced, ~0.5 ms on this project's
@@ -11,8 +11,12 @@ Tables:
 - ``messages``: one row per message: ``id``, ``slot``, ``sender``, ``body``, ``idempotency_key``
   (unique when set), ``options`` (JSON of the SEND options), ``state``, ``held_by``, ``created``,
   ``updated`` and ``expires`` (Unix s), ``result`` (JSON of the final :class:`SendResult`).
+- ``tasks``: one row per task: ``id``, ``grp`` (broadcast group), ``selector``, ``body``,
+  ``sender``, ``idempotency_key`` (unique when set), ``options`` (JSON: ``wait_s``, ``timeout_s``,
+  ``allow_busy``, ``kickstart``), ``state``, ``slot``, ``message_id``, ``created``, ``updated``,
+  ``deadline`` (Unix s: the end of its wait for a slot), ``result`` (JSON of the :class:`TaskResult`).
 - ``changes``: an append-only history. ``kind`` is ``message`` (``ref`` = message id, ``state`` =
-  its new state) or ``slot`` (``state`` = the slot event: ``started``, ``exited``, ``restarting``,
+  its new state), ``task`` (``ref`` = task id) or ``slot`` (``state`` = the slot event: ``started``, ``exited``, ``restarting``,
   ``crash-loop``, ``stopped``...), with a JSON ``data`` object (evidence, code, detail, exit
   status...).
 
@@ -65,7 +69,27 @@ CREATE TABLE IF NOT EXISTS changes(
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_slot ON changes(slot, seq);
+CREATE TABLE IF NOT EXISTS tasks(
+    id TEXT PRIMARY KEY,
+    grp TEXT,
+    selector TEXT NOT NULL,
+    body TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    options TEXT NOT NULL,
+    state TEXT NOT NULL,
+    slot TEXT,
+    message_id TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    deadline REAL,
+    result TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
+CREATE INDEX IF NOT EXISTS tasks_grp ON tasks(grp);
 """
+#: Task states the router still has to finish.
+TASK_OPEN_STATES = ("published", "assigned", "accepted")
 
 
 class JournalError(RuntimeError):
@@ -96,6 +120,34 @@ class MessageRecord:
                    options=json.loads(row["options"]), idempotency_key=row["idempotency_key"],
                    state=row["state"], held_by=row["held_by"], created=row["created"], updated=row["updated"],
                    expires=row["expires"], result=json.loads(row["result"]) if row["result"] else None)
+
+
+@dataclass
+class TaskRecord:
+    """One ``tasks`` row. Times are Unix seconds; ``result`` is the latest :class:`TaskResult`
+    as a dict (every state change rewrites it)."""
+
+    id: str
+    selector: str
+    body: str
+    sender: str = "ops"
+    group: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    state: str = "published"
+    slot: str | None = None
+    message_id: str | None = None
+    created: float = field(default_factory=time.time)
+    updated: float = 0.0
+    deadline: float | None = None
+    result: dict[str, Any] | None = None
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row) -> TaskRecord:
+        return cls(id=row["id"], group=row["grp"], selector=row["selector"], body=row["body"], sender=row["sender"],
+                   options=json.loads(row["options"]), idempotency_key=row["idempotency_key"], state=row["state"],
+                   slot=row["slot"], message_id=row["message_id"], created=row["created"], updated=row["updated"],
+                   deadline=row["deadline"], result=json.loads(row["result"]) if row["result"] else None)
 
 
 class Journal:
@@ -236,6 +288,81 @@ class Journal:
         with self._lock:
             return dict(self.db.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
 
+    # -- tasks ---------------------------------------------------------------------------------
+
+    def add_tasks(self, recs: list[TaskRecord]) -> tuple[list[TaskRecord], bool]:
+        """Insert ``recs`` (one task, or the tasks of one broadcast) in one transaction.
+        Returns ``(recs, True)``, or ``(existing, False)`` when the first one's
+        ``idempotency_key`` is already journaled (then nothing is written; ``existing`` is that
+        task, or every task of its group)."""
+        rows = []
+        for r in recs:
+            r.updated = r.created
+            rows.append(("INSERT INTO tasks(id, grp, selector, body, sender, idempotency_key, options, state, slot,"
+                         " message_id, created, updated, deadline, result) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                         (r.id, r.group, r.selector, r.body, r.sender, r.idempotency_key, json.dumps(r.options),
+                          r.state, r.slot, r.message_id, r.created, r.updated, r.deadline,
+                          json.dumps(r.result, default=str) if r.result else None)))
+            rows.append(self._change(r.slot or "", "task", r.id, r.state,
+                                     {"selector": r.selector, "group": r.group, "sender": r.sender,
+                                      "key": r.idempotency_key, "bytes": len(r.body.encode())}, r.created))
+        try:
+            self._write(rows)
+        except sqlite3.IntegrityError:
+            key = recs[0].idempotency_key if recs else None
+            existing = self.task_by_key(key) if key else None
+            if existing is None:
+                raise
+            return (self.tasks_of_group(existing.group) if existing.group else [existing]), False
+        return recs, True
+
+    def set_task(self, rec: TaskRecord, state: str, *, result: dict[str, Any] | None = None, **data: Any) -> None:
+        """Move task ``rec`` to ``state`` (its ``slot``/``message_id`` as set on the object) and
+        append the change with ``data`` (``code``, ``detail``...)."""
+        now = time.time()
+        rec.state, rec.updated = state, now
+        if result is not None:
+            rec.result = result
+        data = {k: v for k, v in data.items() if v not in (None, "")}
+        self._write([
+            ("UPDATE tasks SET state=?, slot=?, message_id=?, updated=?, result=COALESCE(?, result) WHERE id=?",
+             (state, rec.slot, rec.message_id, now, json.dumps(result, default=str) if result is not None else None,
+              rec.id)),
+            self._change(rec.slot or "", "task", rec.id, state, data, now),
+        ])
+
+    def _tasks(self, where: str, args: tuple[Any, ...]) -> list[TaskRecord]:
+        with self._lock:
+            rows = self.db.execute(f"SELECT * FROM tasks {where}", args).fetchall()
+        return [TaskRecord._from_row(r) for r in rows]
+
+    def get_task(self, task_id: str) -> TaskRecord | None:
+        found = self._tasks("WHERE id=?", (task_id,))
+        return found[0] if found else None
+
+    def task_by_key(self, key: str) -> TaskRecord | None:
+        found = self._tasks("WHERE idempotency_key=?", (key,))
+        return found[0] if found else None
+
+    def tasks_of_group(self, group: str) -> list[TaskRecord]:
+        """The tasks of broadcast ``group``, in the order they were created."""
+        return self._tasks("WHERE grp=? ORDER BY rowid", (group,))
+
+    def open_tasks(self) -> list[TaskRecord]:
+        """Tasks in an open state (:data:`TASK_OPEN_STATES`), oldest first."""
+        marks = ",".join("?" * len(TASK_OPEN_STATES))
+        return self._tasks(f"WHERE state IN ({marks}) ORDER BY rowid", TASK_OPEN_STATES)
+
+    def tasks(self, state: str | None = None, limit: int = 200) -> list[TaskRecord]:
+        """The latest ``limit`` tasks (in ``state``), oldest first."""
+        where, args = ("WHERE state=?", (state,)) if state else ("", ())
+        return list(reversed(self._tasks(f"{where} ORDER BY rowid DESC LIMIT ?", (*args, limit))))
+
+    def task_counts(self) -> dict[str, int]:
+        """Number of tasks per state."""
+        with self._lock:
+            return dict(self.db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
+
     # -- slots ---------------------------------------------------------------------------------
 
     def slot_event(self, slot: str, event: str, **data: Any) -> None:
@@ -260,9 +387,9 @@ class Journal:
         return self.history(slot, limit, kinds=("slot",))
 
     def history(self, slot: str | None = None, limit: int = 200,
-                kinds: tuple[str, ...] = ("message", "slot")) -> list[dict[str, Any]]:
+                kinds: tuple[str, ...] = ("message", "task", "slot")) -> list[dict[str, Any]]:
         """The latest ``limit`` changes (of ``slot``), oldest first. Each record:
-        ``{"seq", "at" (Unix s), "tenant_id", "host", "slot", "kind", "id" (message id or None),
+        ``{"seq", "at" (Unix s), "tenant_id", "host", "slot", "kind", "id" (message or task id, or None),
         "state", "data"}``."""
         sql = f"SELECT * FROM changes WHERE kind IN ({','.join('?' * len(kinds))})"
         args: list[Any] = list(kinds)

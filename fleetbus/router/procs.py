@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from fleetbus.config import Fleet
+from fleetbus.config import FleetConfig
 from fleetbus.paths import FleetPaths
 
 
@@ -43,7 +43,7 @@ def write_pidfile(pidfile: Path) -> None:
     os.replace(tmp, pidfile)
 
 
-def _fleet_argv(fleet: Fleet, *args: str) -> list[str]:
+def _fleet_argv(fleet: FleetConfig, *args: str) -> list[str]:
     if fleet.path is None:
         raise ValueError("this fleet was not loaded from a roster file; background processes need one")
     return [sys.executable, "-m", "fleetbus", "--roster", str(fleet.path), *args]
@@ -66,11 +66,11 @@ def sidecar_pid(paths: FleetPaths, slot: str) -> int | None:
     return read_pid(paths.sidecar_pidfile(slot), "fleetbus", "sidecar", slot)
 
 
-def spawn_router(fleet: Fleet, paths: FleetPaths) -> int:
+def spawn_router(fleet: FleetConfig, paths: FleetPaths) -> int:
     return spawn(_fleet_argv(fleet, "router"), paths.router_log)
 
 
-def spawn_sidecar(fleet: Fleet, paths: FleetPaths, slot: str) -> int:
+def spawn_sidecar(fleet: FleetConfig, paths: FleetPaths, slot: str) -> int:
     return spawn(_fleet_argv(fleet, "sidecar", slot), paths.sidecar_log(slot))
 
 

@@ -32,7 +32,7 @@ from pydantic import BaseModel
 
 from fleetbus import protocol as P
 from fleetbus.adapters import get_adapter
-from fleetbus.config import Fleet, Slot
+from fleetbus.config import FleetConfig, Slot
 from fleetbus.paths import FleetPaths, fleet_paths
 from fleetbus.router import procs, verify
 from fleetbus.router.auth import (EVENTS_DOMAIN, LOCAL_DOMAIN, TCP_DOMAIN, PeerAuthenticator, local_authenticator,
@@ -43,15 +43,18 @@ from fleetbus.router.liveness import Addr, LivenessTable
 from fleetbus.router.messages import DRAFT_CHECK_S, MessagePath, _Waiter
 from fleetbus.router.status import Beat, collect_status
 from fleetbus.router.supervisor import Supervisor
+from fleetbus.router.tasks import Dispatcher
 from fleetbus.transports.base import LaunchSpec, SlotNotFound, Transport, TransportError, resolve_transport
 
 log = logging.getLogger("fleetbus.router")
 
 #: Seconds a pane without a visible prompt is looked at again before ``no-prompt``.
 PROMPT_SETTLE_S = 2.0
+#: Events the PUB socket queues per subscriber before it drops (SNDHWM); ``Event.seq`` shows gaps.
+EVENTS_HWM = 100_000
 
 #: Request kinds the router answers with ``bad-request`` when their frame does not validate.
-CLIENT_KINDS = ("SEND", "PS", "START", "STOP", "RESTART", "RESET", "INTERRUPT", "HEALTH", "SHUTDOWN")
+CLIENT_KINDS = ("SEND", "PUBLISH", "TASK", "PS", "START", "STOP", "RESTART", "RESET", "INTERRUPT", "HEALTH", "SHUTDOWN")
 
 
 class RouterAlreadyRunning(RuntimeError):
@@ -62,7 +65,7 @@ class RouterBindError(RuntimeError):
     """An endpoint cannot be served (``bus.tcp`` port in use, unusable router key)."""
 
 
-def launch_spec(fleet: Fleet, paths: FleetPaths, slot: Slot) -> LaunchSpec:
+def launch_spec(fleet: FleetConfig, paths: FleetPaths, slot: Slot) -> LaunchSpec:
     """The argv, cwd and environment that start ``slot``'s runtime.
 
     ``PATH`` is explicit: the slot's ``env.PATH`` if set, else this interpreter's bin dir
@@ -115,7 +118,7 @@ def launch_spec(fleet: Fleet, paths: FleetPaths, slot: Slot) -> LaunchSpec:
     return LaunchSpec(slot=slot.name, argv=argv, cwd=slot.workdir, env=env)
 
 
-def make_transport(fleet: Fleet, paths: FleetPaths, long_lived: bool = False) -> Transport:
+def make_transport(fleet: FleetConfig, paths: FleetPaths, long_lived: bool = False) -> Transport:
     """The roster's transport. ``long_lived`` (the router) keeps a tmux control-mode client."""
     cfg = fleet.roster.transport
     cls = resolve_transport(cfg.kind)
@@ -134,7 +137,7 @@ class Router(MessagePath):
         spawn_sidecars: start a sidecar for every slot that has none (False in unit tests).
     """
 
-    def __init__(self, fleet: Fleet, paths: FleetPaths | None = None, transport: Transport | None = None,
+    def __init__(self, fleet: FleetConfig, paths: FleetPaths | None = None, transport: Transport | None = None,
                  spawn_sidecars: bool = True):
         self.fleet = fleet
         self.paths = paths or fleet_paths(fleet.tenant, fleet.roster.transport.socket)
@@ -162,6 +165,9 @@ class Router(MessagePath):
         #: restart policy, backoff, crash-loop, exit diagnostics, sidecar respawn (a task of serve)
         self.supervisor = Supervisor(self)
         self.supervisor.exit_listeners.append(self._runtime_exited)
+        #: task routing (selectors, lifecycle, recovery; a task of serve)
+        self.tasks = Dispatcher(self)
+        self.event_seq = 0
 
     # -- startup / shutdown --------------------------------------------------------------------
 
@@ -215,6 +221,7 @@ class Router(MessagePath):
         protect(self.sock, LOCAL_DOMAIN)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, EVENTS_HWM)
         protect(self.pub, EVENTS_DOMAIN)
         old = os.umask(0o077)  # socket files 0600 inside the 0700 runtime dir
         try:
@@ -291,6 +298,7 @@ class Router(MessagePath):
                 tg.start_soon(self._reader)
                 tg.start_soon(self._sweeper)
                 tg.start_soon(self.supervisor.run)
+                tg.start_soon(self.tasks.run)
                 if ready is not None:
                     ready.set()
                 await self._stop.wait()
@@ -351,14 +359,19 @@ class Router(MessagePath):
             return False
 
     def publish(self, topic: str, slot: str | None = None, **data: Any) -> None:
-        """Publish an event on the PUB socket (never blocks; PUB drops at HWM)."""
-        if self.pub is None:
-            return
-        ev = P.Event(topic=topic, slot=slot, tenant_id=self.fleet.tenant, host=self.host, data=data)
-        try:
-            self.pub.send_multipart([topic.encode(), P.encode(ev)], flags=zmq.DONTWAIT)
-        except zmq.ZMQError:
-            pass
+        """Publish an event on the PUB socket (never blocks; PUB drops a subscriber's events
+        beyond EVENTS_HWM). Events are numbered (``seq``) so a subscriber sees gaps. ``slot``
+        events also reach the task dispatcher (a slot's death fails the task it holds)."""
+        if self.pub is not None:
+            self.event_seq += 1
+            ev = P.Event(topic=topic, seq=self.event_seq, slot=slot, tenant_id=self.fleet.tenant, host=self.host,
+                         data=data)
+            try:
+                self.pub.send_multipart([topic.encode(), P.encode(ev)], flags=zmq.DONTWAIT)
+            except zmq.ZMQError:
+                pass
+        if topic == "slot":  # after the slot event, so subscribers see the cause before the task's end
+            self.tasks.on_slot_event(slot, data)
 
     async def _reader(self) -> None:
         """One receive loop per ROUTER socket (``ipc``, and ``tcp`` with ``bus.tcp``)."""
@@ -415,10 +428,13 @@ class Router(MessagePath):
             if isinstance(msg, P.Ping):
                 if msg.state != peer.state:
                     self.publish("heartbeat", peer.slot, state=msg.state, previous=peer.state)
+                    peer.state = msg.state
+                    self.tasks.on_state(peer.slot, msg.state)
                 peer.state = msg.state
                 peer.session_id = msg.session_id or peer.session_id
                 tg.start_soon(self._send, addr, P.Pong())
             elif isinstance(msg, P.Ack):
+                self.tasks.on_ack(peer.slot, msg)
                 self._on_ack(peer.slot, msg)
             elif isinstance(msg, P.HookEvent):
                 self._on_hook_event(peer, msg)
@@ -427,12 +443,16 @@ class Router(MessagePath):
                 self.publish("heartbeat", peer.slot, state="gone")
         elif isinstance(msg, P.SendRequest):
             tg.start_soon(self._answer, addr, msg.req, self.handle_send(msg))
+        elif isinstance(msg, P.PublishRequest):
+            tg.start_soon(self._answer, addr, msg.req, self.handle_publish(msg))
+        elif isinstance(msg, P.TaskRequest):
+            tg.start_soon(self._answer, addr, msg.req, self.handle_task(msg))
         elif isinstance(msg, P.PsRequest):
             tg.start_soon(self._answer, addr, msg.req, self.handle_ps())
         elif isinstance(msg, P.SlotRequest):
             tg.start_soon(self._answer, addr, msg.req, self.handle_slot(msg))
         elif isinstance(msg, P.HealthRequest):
-            tg.start_soon(self._answer, addr, msg.req, self.handle_health())
+            tg.start_soon(self._answer, addr, msg.req, self.handle_health(msg.probe))
         elif isinstance(msg, P.ShutdownRequest):
             tg.start_soon(self._answer, addr, msg.req, self.handle_shutdown(msg))
         else:
@@ -461,6 +481,7 @@ class Router(MessagePath):
             return
         self.table.register(msg.slot, addr, msg.pid, msg.adapter, slot.heartbeat_ms, slot.liveness)
         self.publish("heartbeat", msg.slot, state="registered", pid=msg.pid)
+        self.tasks.wake()
         log.info("sidecar %s registered (pid %d, host %s, via %s)", msg.slot, msg.pid, msg.host, addr.via)
         await self._send(addr, P.Welcome(heartbeat_ms=slot.heartbeat_ms, liveness=slot.liveness))
 
@@ -468,6 +489,8 @@ class Router(MessagePath):
         """A hook event forwarded by a sidecar: publish it; a session-start confirms resets."""
         self.publish("hook", peer.slot, event=ev.event, source=ev.source, session_id=ev.session_id,
                      markers=ev.markers)
+        if ev.event == "turn-end":
+            self.tasks.on_turn_end(peer.slot)
         if ev.event == "session-start":
             peer.session_id = ev.session_id or peer.session_id
             for w in self.session_waiters.get(peer.slot, []):
@@ -482,7 +505,16 @@ class Router(MessagePath):
 
     # -- requests ------------------------------------------------------------------------------
 
-    async def handle_health(self) -> dict[str, Any]:
+    async def handle_publish(self, msg: P.PublishRequest) -> list[dict[str, Any]]:
+        return [r.model_dump() for r in await self.tasks.publish(msg)]
+
+    async def handle_task(self, msg: P.TaskRequest) -> list[dict[str, Any]]:
+        return [r.model_dump() for r in await self.tasks.query(msg)]
+
+    async def handle_health(self, probe: str | None = None) -> dict[str, Any]:
+        if probe is not None:
+            self.publish("probe", None, probe=probe)
+        bus = self.fleet.roster.bus
         return {
             "tenant_id": self.fleet.tenant, "host": self.host, "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3), "protocol": P.PROTOCOL_VERSION,
@@ -492,6 +524,9 @@ class Router(MessagePath):
             "refused_handshakes": self.auth.refused_handshakes if self.auth else 0,
             "tcp": self.fleet.roster.bus.tcp,
             "tcp_sidecars": sorted(p.slot for p in self.table.peers.values() if p.via == "tcp"),
+            "events_endpoint": self.paths.events_endpoint, "verify_timeout_s": bus.verify_timeout_s,
+            "task_wait_s": bus.task_wait_s, "task_timeout_s": bus.task_timeout_s,
+            "tasks": {"open": len(self.tasks.tasks), "waiting": len(self.tasks.pending)},
         }
 
     async def handle_ps(self) -> list[dict[str, Any]]:
@@ -505,6 +540,8 @@ class Router(MessagePath):
         rows = await anyio.to_thread.run_sync(
             lambda: [r.model_dump(by_alias=True) for r in collect_status(self.fleet, panes, beats, source="router",
                                                                         host=self.host, supervision=supervision)])
+        for row in rows:
+            row["task"] = self.tasks.held_by(row["slot"])
         return rows
 
     async def handle_shutdown(self, msg: P.ShutdownRequest) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from fleetbus.adapters import get_adapter
-from fleetbus.config import Fleet
+from fleetbus.config import FleetConfig
 from fleetbus.paths import FleetPaths
 from fleetbus.protocol import SlotStatus
 from fleetbus.transports.base import PaneInfo
@@ -52,7 +52,7 @@ def read_heartbeat_file(path: Path, now: float | None = None) -> Beat | None:
     return Beat(age_s=max(0.0, now - ts), limit_s=limit, state=kv.get("status", "unknown"), sidecar_pid=pid)
 
 
-def beats_from_files(fleet: Fleet, paths: FleetPaths) -> dict[str, Beat]:
+def beats_from_files(fleet: FleetConfig, paths: FleetPaths) -> dict[str, Beat]:
     """Heartbeats of every slot from the heartbeat files (used when the router is down)."""
     now = time.time()
     out = {}
@@ -89,7 +89,7 @@ class ProcessTable:
         return {"name": info.get("name"), "rss_mb": round(mem.rss / 1048576, 1) if mem else None, "children": count}
 
 
-def expected_commands_ok(fleet: Fleet, slot: str, command: str | None) -> bool:
+def expected_commands_ok(fleet: FleetConfig, slot: str, command: str | None) -> bool:
     """True when ``command`` is what the slot should run (adapter patterns or the override's program)."""
     s = fleet.slots[slot]
     if get_adapter(s.runtime).is_expected_command(command):
@@ -98,7 +98,7 @@ def expected_commands_ok(fleet: Fleet, slot: str, command: str | None) -> bool:
 
 
 def collect_status(
-    fleet: Fleet,
+    fleet: FleetConfig,
     panes: dict[str, PaneInfo],
     beats: dict[str, Beat],
     *,

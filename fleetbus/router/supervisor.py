@@ -39,7 +39,7 @@ from typing import Any
 import anyio
 import psutil
 
-from fleetbus.config import BusConfig, Fleet, Slot
+from fleetbus.config import BusConfig, FleetConfig, Slot
 from fleetbus.router import procs
 from fleetbus.transports.base import PaneInfo, SlotNotFound, TransportError
 
@@ -245,7 +245,7 @@ class Supervisor:
         return self._journal if self._journal is not None else getattr(self.router, "journal", None)
 
     @property
-    def fleet(self) -> Fleet:
+    def fleet(self) -> FleetConfig:
         return self.router.fleet
 
     def load(self) -> None:
@@ -567,7 +567,7 @@ def watch_status(slot: Slot, w: SlotWatch | None) -> dict[str, Any]:
     return {"restart": slot.restart, "restarts": w.restarts.count(), "last_exit": w.last_exit, "flags": flags}
 
 
-def status_from_journal(fleet: Fleet, journal: Any) -> dict[str, dict[str, Any]]:
+def status_from_journal(fleet: FleetConfig, journal: Any) -> dict[str, dict[str, Any]]:
     """Supervision fields of every slot from the journal alone (``fleet ps`` with the router down;
     ``BACKOFF`` is then never shown: nobody is waiting to restart)."""
     rules = Rules.from_bus(fleet.roster.bus)
