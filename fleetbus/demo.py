@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -78,6 +79,7 @@ def run(keep: bool = False, json_out: bool = False) -> int:
                 f"  FLEETBUS_HOME={home} fleet --roster {roster} down")
         else:
             ops.down(fleet, paths)
+            shutil.rmtree(home, ignore_errors=True)  # the throwaway home: roster, journal, logs
             say("\ndemo fleet torn down")
     ok = len(results) == len(MESSAGES) and all(r.result == "accepted" for r in results)
     return 0 if ok else 1

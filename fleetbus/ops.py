@@ -123,7 +123,7 @@ def render_ps(rows: list[SlotStatus]) -> str:
         pane = f"dead({r.exit_status})" if r.pane == "dead" and r.exit_status is not None else r.pane
         table.append([r.slot, r.runtime, r.class_ or "-", pane, r.pid or "-", r.command or "-", fmt_s(r.idle_s),
                       f"{r.heartbeat} {fmt_s(r.heartbeat_age_s)}" if r.heartbeat != "none" else "none",
-                      r.state, ",".join(r.flags) or "ok"])
-    head = ["SLOT", "RUNTIME", "CLASS", "PANE", "PID", "CMD", "IDLE", "HEARTBEAT", "STATE", "FLAGS"]
+                      r.state, r.task or "-", ",".join(r.flags) or "ok"])
+    head = ["SLOT", "RUNTIME", "CLASS", "PANE", "PID", "CMD", "IDLE", "HEARTBEAT", "STATE", "TASK", "FLAGS"]
     title = f"tenant {rows[0].tenant_id} @ {rows[0].host} (heartbeats from {rows[0].source})\n" if rows else "no slots\n"
     return title + tabulate(table, headers=head, tablefmt="plain")

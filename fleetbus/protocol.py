@@ -358,6 +358,8 @@ class SlotStatus(BaseModel):
         last_exit: the latest exit of the slot's program, from the journal: ``{"status": int|None,
             "signal": int|None, "at": Unix s, "duration_s": s|None (since it was started),
             "last_lines": [the last non-blank lines of its screen], "reason": str}``, or None.
+        task: the id of the task the slot holds (``fleet publish``), or None; None too when
+            the router is down (``source`` ``files``).
     """
 
     model_config = ConfigDict(populate_by_name=True)
@@ -466,7 +468,7 @@ class Event(_Env):
 
     kind: Literal["EVENT"] = "EVENT"
     topic: Ident
-    seq: int = 0
+    seq: int | None = Field(None, ge=1)
     slot: Ident | None = None
     tenant_id: Ident
     host: Ident

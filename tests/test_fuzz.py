@@ -43,11 +43,14 @@ VALID: list[P._Env] = [
     P.Expect(id=MID, marker=f"fleet#{MID}"), P.Disconnect(reason="x"),
     P.SendRequest(req="r", to="a", body="hi", sender="ops", timeout_s=2.0, idempotency_key="k-1",
                   when="available", ttl_s=60.0),
+    P.PublishRequest(req="r", to="idle:reviewer", body="review", sender="lead", wait="done", wait_s=5.0,
+                     timeout_s=60.0, allow_busy=True, kickstart="Task {task_id}: {body}", idempotency_key="k-2"),
+    P.TaskRequest(req="r", id="t0123456789ab", wait="done", timeout_s=1.0),
     P.PsRequest(req="r"), P.SlotRequest(kind="RESET", req="r", slot="a", timeout_s=3.0),
-    P.HealthRequest(req="r"), P.ShutdownRequest(req="r", teardown=True),
+    P.HealthRequest(req="r", probe="p1"), P.ShutdownRequest(req="r", teardown=True),
     P.Result(req="r", ok=False, code="unknown-slot", error="no", data={"x": [1, 2.5, None]}),
     P.HookEvent(event="prompt-submit", slot="a", runtime="stub", session_id="s", markers=[MID], prompt_head="hi"),
-    P.Event(topic="message", slot="a", tenant_id="t", host="h", data={"id": MID}),
+    P.Event(topic="message", seq=3, slot="a", tenant_id="t", host="h", data={"id": MID}),
 ]
 KINDS = sorted(P._BY_KIND)
 VALID_FRAMES = [encode(m) for m in VALID]
@@ -56,7 +59,7 @@ OWN_FIELDS = {k: sorted(set(m.model_fields) - {"v", "kind"}) for k, m in P._BY_K
 FIELDS = sorted({k for d in VALID_DICTS for k in d} | {f for m in P.ENVELOPES for f in m.model_fields})
 
 #: fields that hold free text (bounded by the frame size only) or anything (``data``)
-FREE_TEXT = {"body", "reason", "error", "prompt_head"}
+FREE_TEXT = {"body", "reason", "error", "prompt_head", "kickstart"}
 ANY_FIELDS = {"data"}
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 

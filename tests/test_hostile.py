@@ -90,7 +90,7 @@ class Dealer:
 # --- fuzzed frames ---------------------------------------------------------------------------------
 
 #: what the router does with a frame that decodes: answers it, or drops and counts it
-ANSWERED = ("SEND", "PS", "HEALTH", "START", "STOP", "RESTART", "RESET", "INTERRUPT", "SHUTDOWN", "HELLO",
+ANSWERED = ("SEND", "PUBLISH", "TASK", "PS", "HEALTH", "START", "STOP", "RESTART", "RESET", "INTERRUPT", "SHUTDOWN", "HELLO",
             "PING", "ACK", "BYE", "HOOK")
 COUNTED = ("RESULT", "EVENT", "WELCOME", "PONG", "EXPECT", "DISCONNECT")  # router -> peer kinds
 
@@ -188,6 +188,8 @@ def classify(parts: tuple[bytes, ...]) -> str:
     if msg.kind in ("SEND", "START", "STOP", "RESTART", "RESET", "INTERRUPT") and \
             getattr(msg, "to", getattr(msg, "slot", None)) in SLOTS:
         return "unsafe"
+    if msg.kind == "PUBLISH" and (msg.to in SLOTS or msg.to.strip() == "idle" or ":" in msg.to):
+        return "unsafe"  # a selector that may match a slot would type a task into it
     return "answer"
 
 

@@ -259,3 +259,37 @@ def test_router_restart_resumes_tasks(make_fleet, tmp_path):
     taken = [json.loads(line)["prompt"] for p in recs.values() for line in p.read_text().splitlines()]
     for i in range(5):
         assert sum(p.endswith(f"] job {i}") for p in taken) == 1, (i, taken)
+
+
+def test_example_orchestrator_runs_against_the_demo_fleet(tmp_path):
+    """examples/orchestrator.py starts the demo fleet in its own FLEETBUS_HOME, runs its tasks
+    and tears the fleet down: exit 0, every task done, both reviewers used, no overlap."""
+    env = dict(os.environ, TMUX_TMPDIR=str(tmp_path))
+    env.pop("TMUX", None)
+    env.pop("FLEETBUS_HOME", None)
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "orchestrator.py")
+    r = subprocess.run([sys.executable, example], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "spread: stub0=" in r.stdout and "stub1=" in r.stdout
+    assert "a reviewer held two at once: no" in r.stdout
+    assert r.stdout.count(" done ") >= 8 and "demo fleet torn down" in r.stdout
+    assert not list(tmp_path.iterdir()) or not any(p.is_socket() for p in tmp_path.rglob("*"))
+
+
+def test_sidecar_killed_mid_task_still_done(make_fleet):
+    """kill -9 of the slot's sidecar during the task's turn: the respawned sidecar forwards the
+    turn-end, and the task ends done (not failed, not timed out)."""
+    fe = make_fleet(roster(stub("r0", "reviewer", 4000)))
+    fe.up()
+    from fleetbus.router import procs
+
+    async def main():
+        async with Fleet.connect(fe.fleet) as fleet:
+            t = await fleet.publish("r0", "slow work", wait="accepted")
+            os.kill(procs.sidecar_pid(fe.paths, "r0"), signal.SIGKILL)
+            return t, await fleet.task(t.id, wait="done", timeout_s=60)
+
+    t, end = run(main)
+    assert t.state == "accepted"
+    assert end.state == "done", end
+    assert end.done_ms >= 3500

@@ -27,7 +27,9 @@ Every state change is journaled (``tasks`` table and a ``task`` change) and publ
 ``task``). A router restart resumes open tasks: ``published`` ones wait again; ``assigned`` ones
 follow their message (its idempotency key is ``task-<id>-<attempt>``); ``accepted`` ones are
 ``done`` as soon as the slot's re-registered sidecar reports ``idle`` (the turn ended while the
-router was away), or at the next ``turn-end``.
+router was away), or at the next ``turn-end``. The same holds for a live task whose sidecar
+restarted mid-turn (a turn-end sent while it was down is lost), with a pane check for runtimes
+that show a busy indicator (:meth:`Dispatcher._await_turn_end`).
 
 The runtime dying, the slot being stopped or restarted, or its tmux server dying while it holds
 a task makes the task ``failed`` (code ``slot-died``, with the exit diagnostics in ``detail``);
@@ -488,28 +490,54 @@ class Dispatcher:
         self._set(t, "accepted", accepted_at=time.time())
         await self._await_turn_end(t)
 
-    async def _await_turn_end(self, t: _Task, recovered: bool = False) -> None:
-        """``done`` at the slot's next turn-complete (or, for a task resumed after a router
-        restart, as soon as the re-registered sidecar reports ``idle``); ``timed-out`` at the
-        task's deadline."""
+    async def _await_turn_end(self, t: _Task, since: float | None = None) -> None:
+        """``done`` at the slot's next turn-complete; ``timed-out`` at the task's deadline.
+
+        ``since``: the liveness-table time from which the slot's sidecar is trusted to have
+        seen the turn (default: now, the moment of acceptance; after a router restart: the
+        router's start). A sidecar that registered after it (restarted, or re-registered with a
+        new router) may have missed the turn-end, so then the task is also ``done`` when that
+        sidecar reports ``idle``, or, for runtimes with a busy indicator (``Adapter.busy``),
+        when the pane shows the prompt and no busy indicator at two checks TICK_S apart."""
+        since = self.router.table.clock() if since is None else since
+        quiet = 0
         with anyio.move_on_after(max(0.0, self._deadline(t) - time.time())):
-            if not recovered:
-                await t.turn_end.wait()
-                self._finish(t, "done", detail="the runtime reported its turn complete")
-                return
-            while not t.turn_end.is_set():
-                peer = self.router.table.peers.get(t.rec.slot or "")
-                if peer is not None and peer.state == "idle" and peer.registered_at >= self.started_clock():
-                    self._finish(t, "done", detail="its slot reported idle when its sidecar re-registered: "
-                                                   "the turn ended while the router was away")
-                    return
+            while True:
                 with anyio.move_on_after(TICK_S):
                     await t.turn_end.wait()
-            self._finish(t, "done", detail="the runtime reported its turn complete")
-            return
+                if t.turn_end.is_set():
+                    self._finish(t, "done", detail="the runtime reported its turn complete")
+                    return
+                peer = self.router.table.peers.get(t.rec.slot or "")
+                if peer is None or peer.registered_at < since:
+                    quiet = 0
+                    continue  # the sidecar that saw the prompt taken will report its turn-end
+                if peer.state == "idle":
+                    self._finish(t, "done", detail="the slot's sidecar re-registered reporting idle: the turn "
+                                                   "ended while it or the router was away")
+                    return
+                quiet = quiet + 1 if await self._pane_idle(t.rec.slot or "") else 0
+                if quiet >= 2:
+                    self._finish(t, "done", detail="pane fallback: the slot's sidecar restarted during the turn; "
+                                                   "its pane shows the prompt and no busy indicator")
+                    return
         self._finish(t, "timed-out", code="turn-timeout",
                      detail=f"no turn-complete from {t.rec.slot} within {t.rec.options.get('timeout_s'):g} s "
                             "of its assignment (the runtime may still be working on it)")
+
+    async def _pane_idle(self, name: str) -> bool:
+        """The pane of ``name`` shows its prompt and no busy indicator (False for runtimes
+        without a busy indicator: their screen cannot tell)."""
+        from fleetbus.router import verify
+
+        adapter = get_adapter(self.fleet.slots[name].runtime)
+        if adapter.busy is None:
+            return False
+        try:
+            screen = await self.router.transport.screen(name)
+        except Exception:
+            return False
+        return not screen.dead and not verify.is_busy(adapter, screen) and verify.typed_text(adapter, screen) is not None
 
     def started_clock(self) -> float:
         """The router's start on the liveness table's clock (a sidecar registered since then
@@ -596,7 +624,7 @@ class Dispatcher:
             try:
                 if t.rec.state == "accepted":
                     t.acked = True
-                    await self._await_turn_end(t, recovered=True)
+                    await self._await_turn_end(t, since=self.started_clock())
                 else:  # assigned: the message path resumes its message; a SEND with its key follows it
                     msg = self.router.journal.by_key(t.key)
                     if msg is None:
