@@ -212,7 +212,7 @@ class PublishRequest(_Env):
 
     ``wait``: answer once the task reaches this stage (``published`` answers as soon as it is
     journaled) or ends. ``wait_s`` (s): how long the task may wait for a matching free slot
-    (default roster ``bus.task_wait_s``; 0: fail at once when none is free). ``timeout_s`` (s):
+    (default roster ``bus.task_wait_s``; 0: give up at once, ``timed-out``, when none is free). ``timeout_s`` (s):
     how long an assigned task may take to reach ``done`` (default ``bus.task_timeout_s``).
     ``allow_busy``: a slot that holds another task or whose runtime is busy may get this one (its
     TUI queues it). ``kickstart``: a template for this task (:func:`fleetbus.config.check_kickstart`)
@@ -391,7 +391,7 @@ class TaskResult(BaseModel):
     """One task, as ``fleet publish --json`` prints it and ``Fleet.publish`` returns it.
 
     Attributes:
-        id: task id (``t`` + 11 hex chars). group: the broadcast id shared by the tasks of one
+        id: task id (``t`` + 12 hex chars). group: the broadcast id shared by the tasks of one
             ``all:<class>`` publish, else None.
         selector: what the task was published to. state: see :data:`TaskState`.
         slot: the slot that holds or held it (None while ``published``). message_id: the
@@ -400,10 +400,10 @@ class TaskResult(BaseModel):
             roster), ``no-slot`` (no matching slot was free within ``wait_s``), ``slot-died`` (its
             runtime exited or was stopped or restarted while it held the task), ``delivery``
             (the message was not accepted: ``detail`` has its result), ``turn-timeout`` (no
-            turn-complete within ``timeout_s``), ``no-turn-signal`` (a named slot whose runtime
-            has no hooks, so ``done`` could never be known).
-        detail: human-readable reason. reset: the slot's session was reset after this task
-            (``reset_between_tasks``): True, False (the reset failed), None (not asked).
+            turn-complete within ``timeout_s``), ``invalid-kickstart`` (the roster's template
+            could not be filled). A selector naming only slots whose runtime has no hooks (no
+            turn-complete signal, so ``done`` could never be known) is ``no-match`` too.
+        detail: human-readable reason.
         created, assigned_at, accepted_at, finished_at: Unix s.
         accepted_ms, done_ms: ms from publish to ``accepted`` and to the final state.
         duplicate: this PUBLISH repeated an idempotency key; nothing new was created.
@@ -420,7 +420,6 @@ class TaskResult(BaseModel):
     sender: str = "ops"
     code: str | None = None
     detail: str = ""
-    reset: bool | None = None
     created: float
     assigned_at: float | None = None
     accepted_at: float | None = None

@@ -499,3 +499,16 @@ def test_find_roster_uses_os_environ_by_default(three_rosters, monkeypatch):
     _, from_env, _ = three_rosters
     monkeypatch.setenv("FLEETBUS_ROSTER", str(from_env))
     assert find_roster() == from_env
+
+
+def test_kickstart_inherits_and_is_checked(tmp_path):
+    fleet = load_roster(write(tmp_path, "version: 1\ndefaults: {kickstart: 'Task {task_id}: {body}'}\n"
+                                        "agents:\n  - {name: a}\n  - {name: b, kickstart: '{body} (from {sender})'}\n"))
+    assert fleet.slots["a"].kickstart == "Task {task_id}: {body}"
+    assert fleet.slots["b"].kickstart == "{body} (from {sender})"
+    assert config.render_kickstart(fleet.slots["a"].kickstart, body="x {slot}", task_id="t1", slot="a",
+                                   sender="o", selector="a") == "Task t1: x {slot}"
+    p, err = roster_error(tmp_path, "version: 1\nagents:\n  - {name: a, kickstart: 'do {body.upper} now'}\n")
+    assert "agents[0].kickstart" in str(err) and "unknown field {body.upper}" in str(err) and str(p) in str(err)
+    _, err = roster_error(tmp_path, "version: 1\ndefaults: {kickstart: 'no body here'}\nagents: []\n", "b.yaml")
+    assert "defaults.kickstart" in str(err) and "{body} exactly once" in str(err)

@@ -215,3 +215,26 @@ def test_messages_for_one_slot_are_typed_in_order_one_at_a_time(tmp_path):
     anyio.run(main, backend="asyncio")
     assert [t.rsplit(" ", 1)[1] for _, t in router.transport.delivered] == [f"m{i:02d}" for i in range(20)]
     assert time.monotonic() - t0 < 10
+
+
+def test_tasks_table_keeps_state_options_and_keys(tmp_path):
+    """A task's state, slot, message and options (its delivery attempt, which names its
+    message's idempotency key after a router restart) survive reopening the journal."""
+    from fleetbus.router.journal import TaskRecord
+
+    j = Journal(tmp_path / "j.sqlite3")
+    rec = TaskRecord(id="t000000000001", selector="idle:reviewer", body="review", idempotency_key="k1",
+                     options={"attempt": 0, "wait_s": 5.0})
+    recs, created = j.add_tasks([rec])
+    assert created
+    again, created = j.add_tasks([TaskRecord(id="t000000000002", selector="x", body="y", idempotency_key="k1")])
+    assert not created and again[0].id == rec.id
+    rec.slot, rec.message_id, rec.options["attempt"] = "r0", "m1", 1
+    j.set_task(rec, "assigned", result={"assigned_at": 1.0})
+    j.close()
+    j = Journal(tmp_path / "j.sqlite3")
+    got = j.open_tasks()
+    assert [(t.id, t.state, t.slot, t.message_id, t.options["attempt"]) for t in got] == \
+        [("t000000000001", "assigned", "r0", "m1", 1)]
+    assert [c["state"] for c in j.changes_of(rec.id)] == ["published", "assigned"]
+    assert j.task_counts() == {"assigned": 1}

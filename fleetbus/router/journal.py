@@ -317,7 +317,7 @@ class Journal:
         return recs, True
 
     def set_task(self, rec: TaskRecord, state: str, *, result: dict[str, Any] | None = None, **data: Any) -> None:
-        """Move task ``rec`` to ``state`` (its ``slot``/``message_id`` as set on the object) and
+        """Move task ``rec`` to ``state`` (its ``slot``, ``message_id`` and ``options`` as set on the object) and
         append the change with ``data`` (``code``, ``detail``...)."""
         now = time.time()
         rec.state, rec.updated = state, now
@@ -325,9 +325,10 @@ class Journal:
             rec.result = result
         data = {k: v for k, v in data.items() if v not in (None, "")}
         self._write([
-            ("UPDATE tasks SET state=?, slot=?, message_id=?, updated=?, result=COALESCE(?, result) WHERE id=?",
-             (state, rec.slot, rec.message_id, now, json.dumps(result, default=str) if result is not None else None,
-              rec.id)),
+            ("UPDATE tasks SET state=?, slot=?, message_id=?, options=?, updated=?, result=COALESCE(?, result)"
+             " WHERE id=?",
+             (state, rec.slot, rec.message_id, json.dumps(rec.options), now,
+              json.dumps(result, default=str) if result is not None else None, rec.id)),
             self._change(rec.slot or "", "task", rec.id, state, data, now),
         ])
 
