@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import anyio
 
+from common import pct  # bench/common.py (this folder is on sys.path)
 from fleetbus import ops
 from fleetbus.client import Client
 from fleetbus.config import load_roster
@@ -49,12 +49,6 @@ from fleetbus.router.journal import OPEN_STATES, Journal
 from fleetbus.transports.tmux import TmuxTransport
 
 SLOTS = ["c0", "c1", "c2", "c3"]
-
-
-def pct(xs: list[float]) -> tuple[float, float]:
-    if len(xs) < 2:
-        return (xs[0], xs[0]) if xs else (float("nan"), float("nan"))
-    return statistics.median(xs), statistics.quantiles(xs, n=100, method="inclusive")[98]
 
 
 def main() -> int:

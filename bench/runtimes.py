@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from mockmodel import MockModel  # noqa: E402
 from runtime_cases import RuntimeCase, cases  # noqa: E402
 
+from common import pct  # noqa: E402 (bench/common.py; this folder is on sys.path)
 from fleetbus import ops  # noqa: E402
 from fleetbus.adapters import get_adapter  # noqa: E402
 from fleetbus.client import Client  # noqa: E402
@@ -46,14 +46,6 @@ from fleetbus.router import procs, verify  # noqa: E402
 from fleetbus.transports.tmux import TmuxTransport  # noqa: E402
 
 SLOT = "ag"
-
-
-def pct(xs: list[float]) -> tuple[float, float]:
-    if not xs:
-        return float("nan"), float("nan")
-    if len(xs) < 2:
-        return xs[0], xs[0]
-    return statistics.median(xs), statistics.quantiles(xs, n=100, method="inclusive")[98]
 
 
 def wait(pred, timeout: float, what: str) -> None:

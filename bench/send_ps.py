@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,10 +33,10 @@ from pathlib import Path
 
 import anyio
 
+import common  # bench/common.py (this folder is on sys.path)
+from common import pct, teardown
 from fleetbus import ops
 from fleetbus.client import Client
-from fleetbus.config import load_roster
-from fleetbus.paths import fleet_paths
 from fleetbus.router.server import Router
 
 PY = sys.executable
@@ -50,13 +49,6 @@ bus: {{heartbeat_ms: 1000, liveness: 3}}
 agents:
 {agents}
 """
-
-
-def pct(xs: list[float]) -> tuple[float, float]:
-    """(p50, p99) of ``xs``."""
-    if len(xs) < 2:
-        return xs[0], xs[0]
-    return statistics.median(xs), statistics.quantiles(xs, n=100, method="inclusive")[98]
 
 
 def line(label: str, xs: list[float], target: float | None = None, extra: str = "") -> str:
@@ -78,19 +70,8 @@ def timed_run(argv: list[str], n: int, check: bool = True) -> tuple[list[float],
 
 
 def write_roster(home: Path, tenant: str, agents: list[str]):
-    path = home / f"{tenant}.yaml"
-    path.write_text(ROSTER.format(tenant=tenant, socket=tenant, agents="\n".join(f"  - {a}" for a in agents)))
-    fleet = load_roster(path)
-    paths = fleet_paths(fleet.tenant, fleet.roster.transport.socket)
-    paths.ensure()
-    return path, fleet, paths
-
-
-def teardown(fleet, paths) -> None:
-    try:
-        ops.down(fleet, paths)
-    finally:
-        shutil.rmtree(paths.run_dir, ignore_errors=True)
+    return common.write_roster(home, tenant, ROSTER.format(tenant=tenant, socket=tenant,
+                                                           agents="\n".join(f"  - {a}" for a in agents)))
 
 
 def bench_send(home: Path, n_stub: int, n_shell: int, n_cli: int) -> list[str]:

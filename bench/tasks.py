@@ -39,7 +39,6 @@ import os
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,11 +48,11 @@ from pathlib import Path
 
 import anyio
 
+import common  # bench/common.py (this folder is on sys.path)
+from common import pct, teardown
 from fleetbus import ops
 from fleetbus import protocol as P
 from fleetbus.client import Fleet
-from fleetbus.config import load_roster
-from fleetbus.paths import fleet_paths
 
 ROSTER = """\
 version: 1
@@ -70,13 +69,6 @@ def reviewer(name: str, think_ms: int) -> str:
     return f'{{name: {name}, runtime: stub, class: reviewer, command: [fleet-stub, --think-ms, "{think_ms}"]}}'
 
 
-def pct(xs: list[float]) -> tuple[float, float]:
-    """(p50, p99) of ``xs``."""
-    if len(xs) < 2:
-        return xs[0], xs[0]
-    return statistics.median(xs), statistics.quantiles(xs, n=100, method="inclusive")[98]
-
-
 def line(label: str, xs: list[float], extra: str = "") -> str:
     if not xs:
         return f"  {label:50} n=0"
@@ -85,11 +77,8 @@ def line(label: str, xs: list[float], extra: str = "") -> str:
 
 
 def write_roster(home: Path, tenant: str, agents: list[str]):
-    path = home / f"{tenant}.yaml"
-    path.write_text(ROSTER.format(tenant=tenant, agents="\n".join(f"  - {a}" for a in agents)))
-    fleet = load_roster(path)
-    paths = fleet_paths(fleet.tenant, fleet.roster.transport.socket)
-    paths.ensure()
+    _, fleet, paths = common.write_roster(home, tenant, ROSTER.format(tenant=tenant,
+                                                                      agents="\n".join(f"  - {a}" for a in agents)))
     return fleet, paths
 
 
@@ -101,13 +90,6 @@ def start(fleet, paths) -> str:
         raise RuntimeError("fleet did not come up: " + ", ".join(f"{r.slot}={r.pane}/{r.heartbeat}" for r in bad))
     return (f"fleet up ({len(rows)} stub slot(s) + router + sidecars): {time.perf_counter() - t0:.2f} s; "
             + ", ".join(f"{r.slot}={r.pane}/{r.heartbeat}/{r.state}" for r in rows))
-
-
-def teardown(fleet, paths) -> None:
-    try:
-        ops.down(fleet, paths)
-    finally:
-        shutil.rmtree(paths.run_dir, ignore_errors=True)
 
 
 # -- 1. latency -----------------------------------------------------------------------------------
