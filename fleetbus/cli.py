@@ -346,27 +346,36 @@ def cmd_send(args: argparse.Namespace) -> int:
             "dead-letter": EXIT_REJECTED}.get(r.result, EXIT_FAIL)
 
 
-def cmd_log(args: argparse.Namespace) -> int:
-    """History from the journal, read directly (works while the router is down)."""
-    from fleetbus.router.journal import Journal, JournalError
-
-    fleet = _fleet(args)
-    if args.slot is not None and args.slot not in fleet.slots:
-        _slot_checked(fleet, args.slot)
+def _read_journal(args: argparse.Namespace, fleet, read):
+    """``read(journal)`` on the tenant's journal, opened read-only (works while the router is
+    down). None when there is no journal yet: then ``[]`` was printed (``--json``) or the reason
+    went to stderr."""
     import socket
+
+    from fleetbus.router.journal import Journal, JournalError
 
     try:
         j = Journal(_paths(fleet).journal, readonly=True, tenant=fleet.tenant, host=socket.gethostname())
     except JournalError as e:
         if args.json:
             _emit_json([])
-            return EXIT_OK
-        print(f"fleet: {e}", file=sys.stderr)
-        return EXIT_OK
+        else:
+            print(f"fleet: {e}", file=sys.stderr)
+        return None
     try:
-        rows = j.changes_of(args.id) if args.id else j.history(args.slot, args.lines)
+        return read(j)
     finally:
         j.close()
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    """History from the journal, read directly (works while the router is down)."""
+    fleet = _fleet(args)
+    if args.slot is not None and args.slot not in fleet.slots:
+        _slot_checked(fleet, args.slot)
+    rows = _read_journal(args, fleet, lambda j: j.changes_of(args.id) if args.id else j.history(args.slot, args.lines))
+    if rows is None:
+        return EXIT_OK
     if args.json:
         _emit_json(rows)
         return EXIT_OK
@@ -428,27 +437,19 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     """Tasks from the journal, read directly (works while the router is down)."""
-    import socket
+    import sqlite3
 
-    from fleetbus.router.journal import Journal, JournalError
+    def read(j):
+        try:
+            return j.tasks(args.state, args.lines)
+        except sqlite3.OperationalError as e:  # a journal written before tasks existed has no tasks table
+            if "no such table" not in str(e):
+                raise
+            return []
 
-    fleet = _fleet(args)
-    try:
-        j = Journal(_paths(fleet).journal, readonly=True, tenant=fleet.tenant, host=socket.gethostname())
-    except JournalError as e:
-        if args.json:
-            _emit_json([])
-        else:
-            print(f"fleet: {e}", file=sys.stderr)
+    recs = _read_journal(args, _fleet(args), read)
+    if recs is None:
         return EXIT_OK
-    try:
-        recs = j.tasks(args.state, args.lines)
-    except Exception as e:  # a journal written before tasks existed has no tasks table
-        if "no such table" not in str(e):
-            raise
-        recs = []
-    finally:
-        j.close()
     rows = [dict(rec.result or {}, id=rec.id, state=rec.state, slot=rec.slot, selector=rec.selector,
                  group=rec.group, message_id=rec.message_id, created=rec.created) for rec in recs]
     if args.json:
@@ -474,7 +475,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     fleet = _fleet(args)
     from fleetbus.client import Client
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends it like Ctrl-C
 
     async def main():
         async with Client(fleet) as c:

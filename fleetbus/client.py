@@ -331,7 +331,7 @@ class EventStream:
         self.sock.setsockopt(zmq.SUBSCRIBE, b"probe")
         self.sock.connect(c.events_endpoint)
         token = secrets.token_hex(8)
-        with anyio.move_on_after(c.connect_timeout_s) as scope:
+        with anyio.move_on_after(c.connect_timeout_s):
             while True:
                 await c.health(probe=token)
                 with anyio.move_on_after(0.2):
@@ -343,8 +343,7 @@ class EventStream:
                             return self
                         if self._wanted(ev):
                             self._early.append(ev)
-        if scope.cancelled_caught:
-            await self.aclose()
+        await self.aclose()  # only a timeout leaves the loop
         raise RouterUnavailable(f"no events from the router of tenant {c.tenant!r} within {c.connect_timeout_s:g} s")
 
     async def __aexit__(self, *exc: object) -> None:

@@ -167,6 +167,8 @@ class Router(MessagePath):
         self.supervisor.exit_listeners.append(self._runtime_exited)
         #: task routing (selectors, lifecycle, recovery; a task of serve)
         self.tasks = Dispatcher(self)
+        # after the slot event is published: subscribers see the cause before the task's end
+        self.supervisor.event_listeners.append(self.tasks.on_slot_event)
         self.event_seq = 0
 
     # -- startup / shutdown --------------------------------------------------------------------
@@ -360,18 +362,15 @@ class Router(MessagePath):
 
     def publish(self, topic: str, slot: str | None = None, **data: Any) -> None:
         """Publish an event on the PUB socket (never blocks; PUB drops a subscriber's events
-        beyond EVENTS_HWM). Events are numbered (``seq``) so a subscriber sees gaps. ``slot``
-        events also reach the task dispatcher (a slot's death fails the task it holds)."""
-        if self.pub is not None:
-            self.event_seq += 1
-            ev = P.Event(topic=topic, seq=self.event_seq, slot=slot, tenant_id=self.fleet.tenant, host=self.host,
-                         data=data)
-            try:
-                self.pub.send_multipart([topic.encode(), P.encode(ev)], flags=zmq.DONTWAIT)
-            except zmq.ZMQError:
-                pass
-        if topic == "slot":  # after the slot event, so subscribers see the cause before the task's end
-            self.tasks.on_slot_event(slot, data)
+        beyond EVENTS_HWM). Events are numbered (``seq``) so a subscriber sees gaps."""
+        if self.pub is None:
+            return
+        self.event_seq += 1
+        ev = P.Event(topic=topic, seq=self.event_seq, slot=slot, tenant_id=self.fleet.tenant, host=self.host, data=data)
+        try:
+            self.pub.send_multipart([topic.encode(), P.encode(ev)], flags=zmq.DONTWAIT)
+        except zmq.ZMQError:
+            pass
 
     async def _reader(self) -> None:
         """One receive loop per ROUTER socket (``ipc``, and ``tcp`` with ``bus.tcp``)."""
@@ -430,7 +429,6 @@ class Router(MessagePath):
                     self.publish("heartbeat", peer.slot, state=msg.state, previous=peer.state)
                     peer.state = msg.state
                     self.tasks.on_state(peer.slot, msg.state)
-                peer.state = msg.state
                 peer.session_id = msg.session_id or peer.session_id
                 tg.start_soon(self._send, addr, P.Pong())
             elif isinstance(msg, P.Ack):

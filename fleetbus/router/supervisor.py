@@ -20,7 +20,8 @@ process table for every sidecar (in a worker thread), then acts:
 - **sidecar gone**: respawned (``sidecar-restarted``): the first time at once, the n-th time
   within a minute after ``min(0.5 s × 2^(n-2), 30 s)``, so a sidecar that cannot start never spins.
 
-Every event is journaled (``Journal.slot_event``) and published (topic ``slot``).
+Every event is journaled (``Journal.slot_event``), published (topic ``slot``) and handed to
+:attr:`Supervisor.event_listeners`.
 
 Units: names ending in ``_s`` are seconds, in ``_ms`` milliseconds. Backoff and the crash-loop
 window run on a monotonic clock (injectable for tests); every journaled or shown time (``at``) is
@@ -239,6 +240,9 @@ class Supervisor:
         #: ``exited`` or ``server-lost`` event is journaled, before any restart): the message path
         #: uses it for messages the dead program held but never took
         self.exit_listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        #: called as ``listener(slot, event, data)`` after every slot event is journaled and
+        #: published: the task dispatcher fails the task a dead, stopped or restarted slot held
+        self.event_listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
 
     @property
     def journal(self) -> Any:
@@ -266,6 +270,11 @@ class Supervisor:
                 log.exception("cannot journal %s of %s", event, slot)
         self.router.publish("slot", slot, event=event, **data)
         log.info("slot %s: %s %s", slot, event, {k: v for k, v in data.items() if k != "last_lines"})
+        for listener in self.event_listeners:
+            try:
+                listener(slot, event, data)
+            except Exception:
+                log.exception("slot event listener failed for %s %s", event, slot)
 
     def _exited(self, slot: str, diag: dict[str, Any]) -> None:
         for listener in self.exit_listeners:

@@ -33,7 +33,7 @@ that show a busy indicator (:meth:`Dispatcher._await_turn_end`).
 
 The runtime dying, the slot being stopped or restarted, or its tmux server dying while it holds
 a task makes the task ``failed`` (code ``slot-died``, with the exit diagnostics in ``detail``);
-the dispatcher hears these from the router's ``slot`` events.
+the dispatcher hears these from the supervisor's slot events (``Supervisor.event_listeners``).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ import anyio
 from fleetbus import protocol as P
 from fleetbus.adapters import get_adapter
 from fleetbus.config import check_kickstart, render_kickstart
+from fleetbus.router import verify
 from fleetbus.router.journal import TaskRecord
 
 if TYPE_CHECKING:
@@ -106,6 +107,8 @@ def parse_selector(text: str) -> Selector:
 @dataclass
 class _Task:
     rec: TaskRecord
+    names: list[str] = field(default_factory=list)  # the roster slots it may go to, roster order
+    idle_only: bool = False  # an ``idle`` selector: only slots reporting ``idle``
     changed: anyio.Event = field(default_factory=anyio.Event)
     turn_end: anyio.Event = field(default_factory=anyio.Event)
     acked: bool = False
@@ -118,11 +121,6 @@ class _Task:
     @property
     def final(self) -> bool:
         return self.rec.state in P.TASK_FINAL
-
-    @property
-    def target(self) -> str | None:
-        """The one slot a named or broadcast task may go to; None for class/idle selectors."""
-        return self.rec.options.get("target")
 
     @property
     def key(self) -> str:
@@ -149,6 +147,9 @@ class Dispatcher:
         self.needs_reset: dict[str, float] = {}  # slot -> monotonic time of the last failed reset
         self._wake = anyio.Event()
         self.started = time.monotonic()
+        # the roster is fixed for the router's life
+        self.hooked = {n for n, s in router.fleet.slots.items() if get_adapter(s.runtime).has_hook}
+        self.order = {n: i for i, n in enumerate(router.fleet.slots)}
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -181,17 +182,15 @@ class Dispatcher:
         t.rec.state = state
         res = self.result(t)
         self.router.journal.set_task(t.rec, state, result=res.model_dump(), code=code, detail=detail)
-        self.router.publish("task", t.rec.slot, **res.model_dump(exclude={"tenant_id", "host", "slot"}))
+        self._announce(t, res)
         t.changed.set()
         t.changed = anyio.Event()
         self.wake()
 
-    def _eligible(self, name: str) -> tuple[bool, str]:
-        """Whether slot ``name`` can take a task at all (hooks), with the reason when not."""
-        adapter = get_adapter(self.fleet.slots[name].runtime)
-        if not adapter.has_hook:
-            return False, f"runtime {adapter.name!r} has no hooks, so fleetbus cannot see its turn complete"
-        return True, ""
+    def _announce(self, t: _Task, res: P.TaskResult | None = None) -> None:
+        """Publish ``t``'s state (topic ``task``; the slot is the event's own field)."""
+        res = res or self.result(t)
+        self.router.publish("task", t.rec.slot, **res.model_dump(exclude={"tenant_id", "host", "slot"}))
 
     def matching(self, sel: Selector) -> tuple[list[str], str]:
         """Roster slots ``sel`` can ever match (roster order), and why there are none."""
@@ -207,9 +206,10 @@ class Dispatcher:
             if not names:
                 classes = sorted({s.class_ for s in slots.values() if s.class_})
                 return [], f"no slot of class {sel.value!r}; roster classes: {', '.join(classes) or '(none)'}"
-        ok = [n for n in names if self._eligible(n)[0]]
+        ok = [n for n in names if n in self.hooked]
         if not ok:
-            return [], "; ".join(f"{n}: {self._eligible(n)[1]}" for n in names)
+            return [], "; ".join(f"{n}: runtime {slots[n].runtime!r} has no hooks, so fleetbus cannot see its turn "
+                                 "complete" for n in names)
         return ok, ""
 
     def _why_not(self, t: _Task, name: str, now: float) -> str | None:
@@ -230,23 +230,20 @@ class Dispatcher:
             return f"holds task {self.holding[name][0]}"
         if allow_busy:
             return None
-        idle_only = t.rec.selector.startswith("idle")
-        if peer.state == "idle" or (peer.state == "unknown" and not idle_only):
+        if peer.state == "idle" or (peer.state == "unknown" and not t.idle_only):
             return None
         return f"runtime {peer.state}"
 
     def _candidates(self, t: _Task, now: float) -> tuple[list[str], dict[str, str]]:
         """Free slots for ``t``, best first (least recently used), and why the others are not."""
-        names = [t.target] if t.target else self.matching(parse_selector(t.rec.selector))[0]
         free, why = [], {}
-        for n in names:
+        for n in t.names:
             reason = self._why_not(t, n, now)
             if reason is None:
                 free.append(n)
             else:
                 why[n] = reason
-        order = {n: i for i, n in enumerate(self.fleet.slots)}
-        free.sort(key=lambda n: (len(self.holding.get(n, ())), self.idle_since.get(n, self.started), order[n]))
+        free.sort(key=lambda n: (len(self.holding.get(n, ())), self.idle_since.get(n, self.started), self.order[n]))
         return free, why
 
     # -- publish ---------------------------------------------------------------------------------
@@ -297,7 +294,7 @@ class Dispatcher:
             return await self._duplicates(recs, req)
         tasks = [self._adopt(r) for r in recs]
         for t in tasks:
-            self.router.publish("task", None, **self.result(t).model_dump(exclude={"tenant_id", "host", "slot"}))
+            self._announce(t)
             if not names:
                 self._finish(t, "failed", code="no-match", detail=why)
             else:
@@ -306,7 +303,12 @@ class Dispatcher:
         return [await self.wait(t, req.wait) for t in tasks]
 
     def _adopt(self, rec: TaskRecord) -> _Task:
-        t = self.tasks[rec.id] = _Task(rec)
+        """Track journaled task ``rec``: the slots it may go to are resolved once (a named or
+        broadcast task has its ``target``)."""
+        target = rec.options.get("target")
+        sel = parse_selector(rec.selector)
+        names = [target] if target else self.matching(sel)[0]
+        t = self.tasks[rec.id] = _Task(rec, names=names, idle_only=rec.selector.startswith("idle"))
         if rec.result is None:
             rec.result = {}
         return t
@@ -441,24 +443,41 @@ class Dispatcher:
 
     # -- one task ----------------------------------------------------------------------------------
 
-    async def _run(self, t: _Task) -> None:
-        """Deliver ``t`` to its slot and follow it to ``accepted`` and ``done``."""
+    async def _run(self, t: _Task, resume: bool = False) -> None:
+        """Deliver ``t`` to its slot and follow it to ``accepted`` and ``done``; with ``resume``,
+        pick up a task a previous router left ``assigned`` or ``accepted``."""
         with anyio.CancelScope() as scope:
             t.scope = scope
             try:
-                await self._deliver(t)
+                if not resume:
+                    await self._deliver(t)
+                elif t.rec.state == "accepted":
+                    t.acked = True
+                    await self._await_turn_end(t, since=self.started_clock())
+                elif self.router.journal.by_key(t.key) is None:  # assigned, and its message never journaled
+                    self._republish(t, detail="resumed after a router restart (nothing was typed)")
+                else:  # assigned: the message path resumes its message; a SEND with its key follows it
+                    await self._deliver(t)
             except Exception as e:
                 log.exception("task %s failed in the router", t.id)
                 self._finish(t, "failed", code="internal", detail=f"{type(e).__name__}: {e}")
             finally:
                 t.scope = None
 
+    def _republish(self, t: _Task, code: str | None = None, detail: str = "") -> None:
+        """Back to ``published``, in its place by creation time: nothing of it was typed."""
+        self._release(t)
+        t.rec.slot = None
+        self._set(t, "published", code=code, detail=detail)
+        self.pending.append(t)
+        self.pending.sort(key=lambda x: x.rec.created)
+
     def _deadline(self, t: _Task) -> float:
         """Unix time by which ``t`` must be done (its assignment plus ``timeout_s``)."""
         r = t.rec.result or {}
         return (r.get("assigned_at") or time.time()) + t.rec.options.get("timeout_s", self.fleet.roster.bus.task_timeout_s)
 
-    async def _deliver(self, t: _Task, resumed: bool = False) -> None:
+    async def _deliver(self, t: _Task) -> None:
         slot = self.fleet.slots[t.rec.slot]
         try:
             text = render_kickstart(t.rec.options.get("kickstart") or slot.kickstart, body=t.rec.body, task_id=t.id,
@@ -475,12 +494,8 @@ class Dispatcher:
         t.rec.message_id = r.id
         if r.result == "rejected" and r.code != "invalid-body" and not r.duplicate:
             # nothing was typed: the task goes back to waiting, in its place, and the slot rests
-            self._release(t)
             self.cooldown[slot.name] = time.monotonic() + COOLDOWN_S
-            t.rec.slot = None
-            self._set(t, "published", code=r.code, detail=f"slot {slot.name} could not take it: {r.detail}")
-            self.pending.append(t)
-            self.pending.sort(key=lambda x: x.rec.created)
+            self._republish(t, code=r.code, detail=f"slot {slot.name} could not take it: {r.detail}")
             return
         if r.result != "accepted":
             self._finish(t, "failed", code="delivery",
@@ -528,8 +543,6 @@ class Dispatcher:
     async def _pane_idle(self, name: str) -> bool:
         """The pane of ``name`` shows its prompt and no busy indicator (False for runtimes
         without a busy indicator: their screen cannot tell)."""
-        from fleetbus.router import verify
-
         adapter = get_adapter(self.fleet.slots[name].runtime)
         if adapter.busy is None:
             return False
@@ -573,12 +586,10 @@ class Dispatcher:
                 t.turn_end.set()
                 return
 
-    def on_slot_event(self, slot: str | None, data: dict[str, Any]) -> None:
-        """A ``slot`` event: the runtime exited, was stopped or restarted, or its tmux server
-        died: every task the slot holds fails with the reason. A (re)started slot needs no reset."""
-        if slot is None:
-            return
-        event = data.get("event")
+    def on_slot_event(self, slot: str, event: str, data: dict[str, Any]) -> None:
+        """A supervisor slot event (``Supervisor.event_listeners``): when the runtime exited, was
+        stopped or restarted, or its tmux server died, every task the slot holds fails with the
+        reason. A (re)started slot needs no reset."""
         if event == "started":
             self.needs_reset.pop(slot, None)
         if event in DEATH_EVENTS or (event == "started" and data.get("by") == "operator"):
@@ -606,36 +617,13 @@ class Dispatcher:
         recs = self.router.journal.open_tasks()
         for rec in recs:
             t = self._adopt(rec)
-            if rec.state == "published" or rec.slot not in self.fleet.slots:
-                rec.slot = None
-                if rec.state != "published":
-                    self._set(t, "published", detail="resumed after a router restart")
+            if rec.state == "published":
                 self.pending.append(t)
-                continue
-            self.holding[rec.slot].append(t.id)
-            self.router._tg.start_soon(self._resume, t)
+            elif rec.slot not in self.fleet.slots:  # the slot left the roster
+                self._republish(t, detail="resumed after a router restart")
+            else:
+                self.holding[rec.slot].append(t.id)
+                self.router._tg.start_soon(self._run, t, True)
         if recs:
             log.info("resumed %d open task(s)", len(recs))
         self.wake()
-
-    async def _resume(self, t: _Task) -> None:
-        with anyio.CancelScope() as scope:
-            t.scope = scope
-            try:
-                if t.rec.state == "accepted":
-                    t.acked = True
-                    await self._await_turn_end(t, since=self.started_clock())
-                else:  # assigned: the message path resumes its message; a SEND with its key follows it
-                    msg = self.router.journal.by_key(t.key)
-                    if msg is None:
-                        self._release(t)
-                        t.rec.slot = None
-                        self._set(t, "published", detail="resumed after a router restart (nothing was typed)")
-                        self.pending.append(t)
-                        return
-                    await self._deliver(t, resumed=True)
-            except Exception as e:
-                log.exception("resuming task %s failed", t.id)
-                self._finish(t, "failed", code="internal", detail=f"{type(e).__name__}: {e}")
-            finally:
-                t.scope = None
