@@ -308,7 +308,7 @@ class Dispatcher:
         target = rec.options.get("target")
         sel = parse_selector(rec.selector)
         names = [target] if target else self.matching(sel)[0]
-        t = self.tasks[rec.id] = _Task(rec, names=names, idle_only=rec.selector.startswith("idle"))
+        t = self.tasks[rec.id] = _Task(rec, names=names, idle_only=sel.kind == "idle")
         if rec.result is None:
             rec.result = {}
         return t
