@@ -81,7 +81,7 @@ def bench_send(home: Path, n_stub: int, n_shell: int, n_cli: int) -> list[str]:
     out = []
     try:
         t0 = time.perf_counter()
-        _, rows = ops.up(fleet, paths, timeout_s=30)
+        rows = ops.up(fleet, paths, timeout_s=30).rows
         out.append(f"fleet up (router + 3 sidecars): {time.perf_counter() - t0:.2f} s; "
                    + ", ".join(f"{r.slot}={r.pane}/{r.heartbeat}" for r in rows))
 

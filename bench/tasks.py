@@ -84,7 +84,7 @@ def write_roster(home: Path, tenant: str, agents: list[str]):
 
 def start(fleet, paths) -> str:
     t0 = time.perf_counter()
-    _, rows = ops.up(fleet, paths, timeout_s=30)
+    rows = ops.up(fleet, paths, timeout_s=30).rows
     bad = [r for r in rows if r.pane != "alive" or r.heartbeat != "healthy"]
     if bad:
         raise RuntimeError("fleet did not come up: " + ", ".join(f"{r.slot}={r.pane}/{r.heartbeat}" for r in bad))

@@ -18,6 +18,11 @@ Exit codes (stable):
 4     the router is not running or does not answer
 ====  =====================================================================================
 
+``doctor``: 1 when a check fails (a broken invariant; warnings alone exit 0). ``init``: 3 when
+``--write`` names an existing file. ``install-systemd``: 1 when a step is left for the operator
+(no systemd user manager, linger needs root; the commands are printed), 3 when a unit file of
+that name was not written by fleetbus (nothing changed); ``uninstall-systemd`` likewise 3.
+
 ``keys``: 2 for an invalid key name or an unreadable or unsafe key file; 3 when ``revoke`` names
 no key or ``create`` a name already used (nothing is changed). ``sidecar``: 2 when a ``tcp://``
 router lacks ``--key``/``--router-key`` or a key file is unreadable.
@@ -129,6 +134,9 @@ def cmd_router(args: argparse.Namespace) -> int:
 
     from fleetbus.router.server import Router, RouterAlreadyRunning, RouterBindError
 
+    from fleetbus.notify import ServiceNotifier
+
+    notifier = ServiceNotifier()  # before anything is spawned: children must not inherit $NOTIFY_SOCKET
     fleet = _fleet(args)
     _paths(fleet)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -137,21 +145,83 @@ def cmd_router(args: argparse.Namespace) -> int:
     async def main():
         import signal
 
+        ready = anyio.Event()
         async with anyio.create_task_group() as tg:
             async def on_signals():
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                     async for _ in sigs:
+                        notifier.status("stopping (slots and sidecars keep running)")
                         router.stop()
                         return
 
+            async def on_ready():
+                await ready.wait()  # bound, slots started, serving requests
+                notifier.ready(f"serving {len(fleet.slots)} slot(s) of tenant {fleet.tenant}")
+                await notifier.keepalive()
+
             tg.start_soon(on_signals)
-            await router.serve()
+            tg.start_soon(on_ready)
+            await router.serve(ready=ready)
             tg.cancel_scope.cancel()
 
     try:
         anyio.run(main, backend="asyncio")
     except* (RouterAlreadyRunning, RouterBindError) as group:
         raise CliError(str(group.exceptions[0]), EXIT_FAIL) from None
+    return EXIT_OK
+
+
+def cmd_holder(args: argparse.Namespace) -> int:
+    """The holder unit's main process: keep the fleet's tmux server and its ``_holder`` session.
+
+    Exits 0 on SIGTERM/SIGINT (the server and slots keep running) and 1 when the session or the
+    server ended (systemd's ``Restart=on-failure`` then starts it again).
+    """
+    import logging
+    import signal
+
+    import anyio
+
+    from fleetbus.notify import ServiceNotifier
+    from fleetbus.router.server import make_transport
+    from fleetbus.transports.base import TransportError
+
+    notifier = ServiceNotifier()
+    fleet = _fleet(args)
+    paths = _paths(fleet)
+    logging.basicConfig(level="INFO", format="%(asctime)s fleetbus.holder %(levelname)s %(message)s")
+    log = logging.getLogger("fleetbus.holder")
+    transport = make_transport(fleet, paths)
+    if not hasattr(transport, "hold"):
+        raise CliError(f"transport {fleet.roster.transport.kind!r} has no server to hold", EXIT_USAGE)
+    ended: list[str] = []
+
+    async def main():
+        async with anyio.create_task_group() as tg:
+            async def on_signals():
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for _ in sigs:
+                        tg.cancel_scope.cancel()
+
+            async def hold():
+                def ready():
+                    log.info("holding tmux socket %s (session _holder)", paths.tmux_socket)
+                    notifier.ready(f"holding tmux socket {paths.tmux_socket}")
+
+                ended.append(await transport.hold(ready))
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(on_signals)
+            tg.start_soon(hold)
+
+    try:
+        anyio.run(main, backend="asyncio")
+    except TransportError as e:
+        raise CliError(f"cannot start tmux server {paths.tmux_socket}: {e}", EXIT_FAIL) from None
+    if ended:
+        log.warning("%s; exiting 1 so the service manager starts the holder again", ended[0])
+        return EXIT_FAIL
+    log.info("stopped; the tmux server and its slots keep running")
     return EXIT_OK
 
 
@@ -243,14 +313,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     fleet = _fleet(args)
     paths = _paths(fleet)
     try:
-        started, rows = ops.up(fleet, paths, timeout_s=args.timeout)
+        res = ops.up(fleet, paths, timeout_s=args.timeout)
     except ops.OpsError as e:
         raise CliError(str(e), EXIT_FAIL) from None
     if args.json:
-        _emit_json({"router_started": started, "slots": [r.model_dump(by_alias=True) for r in rows]})
+        _emit_json({"router_started": res.started, "via": res.via, "detail": res.detail,
+                    "handed_over": res.handed_over, "slots": [r.model_dump(by_alias=True) for r in res.rows]})
     else:
-        print("router started" if started else "router already running")
-        print(ops.render_ps(rows))
+        if res.handed_over:
+            print(f"router pid {res.handed_over} ran outside systemd: stopped it (slots kept running)")
+        what = "router started" if res.started else "router already running"
+        print(f"{what} (supervisor: {res.via}; {res.detail})")
+        print(ops.render_ps(res.rows, ops.boot_problems(fleet, paths)))
     return EXIT_OK
 
 
@@ -270,11 +344,12 @@ def cmd_ps(args: argparse.Namespace) -> int:
     from fleetbus import ops
 
     fleet = _fleet(args)
-    rows = ops.ps(fleet, _paths(fleet))
+    paths = _paths(fleet)
+    rows = ops.ps(fleet, paths)
     if args.json:
         _emit_json([r.model_dump(by_alias=True) for r in rows])
     else:
-        print(ops.render_ps(rows))
+        print(ops.render_ps(rows, ops.boot_problems(fleet, paths)))
     return EXIT_OK
 
 
@@ -581,6 +656,111 @@ def cmd_view(args: argparse.Namespace) -> int:
         raise CliError(f"slot {args.slot!r} is not running ({e})", EXIT_REJECTED) from None
 
 
+def _systemd_report(args: argparse.Namespace, rep, verb: str) -> int:
+    if args.json:
+        _emit_json({"units": [{"name": u.name, "text": u.text} for u in rep.units],
+                    "written": [str(p) for p in rep.written], "unchanged": [str(p) for p in rep.unchanged],
+                    "removed": [str(p) for p in rep.removed],
+                    "ran": [{"argv": a, "status": rc, "output": out} for a, rc, out in rep.ran],
+                    "todo": rep.todo, "notes": rep.notes, "complete": rep.complete,
+                    "dry_run": bool(getattr(args, "dry_run", False))})
+        return EXIT_OK if rep.complete else EXIT_FAIL
+    for p in rep.written:
+        print(f"wrote {p}")
+    for p in rep.unchanged:
+        print(f"unchanged {p}")
+    for p in rep.removed:
+        print(f"removed {p}")
+    for argv, rc, out in rep.ran:
+        print(f"ran: {' '.join(argv)}: " + ("ok" if rc == 0 else f"failed (exit {rc}): {out.splitlines()[-1] if out else ''}"))
+    for n in rep.notes:
+        print(f"note: {n}")
+    if rep.todo:
+        print(f"{verb} is not complete; run these yourself:")
+        for t in rep.todo:
+            print(f"  {t}")
+    return EXIT_OK if rep.complete else EXIT_FAIL
+
+
+def cmd_install_systemd(args: argparse.Namespace) -> int:
+    from fleetbus import systemd
+
+    fleet = _fleet(args)
+    paths = _paths(fleet)
+    try:
+        rep = systemd.install(fleet, paths, enable=args.enable, dry_run=args.dry_run)
+    except systemd.ForeignUnit as e:
+        raise CliError(str(e), EXIT_REJECTED) from None
+    except systemd.SystemdError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    if args.dry_run and not args.json:
+        for u, p in zip(rep.units, rep.written):
+            print(f"# ---- {p}\n{u.text}")
+        names = " ".join(u.name for u in rep.units)
+        print("# then: systemctl --user daemon-reload" + (f"; systemctl --user enable {names}; "
+              f"loginctl enable-linger {systemd.user_name()}" if args.enable else ""))
+        for n in rep.notes:
+            print(f"# note: {n}")
+        return EXIT_OK
+    if args.dry_run:
+        rep.todo = []
+        return _systemd_report(args, rep, "install-systemd")
+    code = _systemd_report(args, rep, "install-systemd")
+    if not args.json:
+        print("next: fleet up (starts the units" + (")" if rep.complete else " once a systemd user manager runs)"))
+    return code
+
+
+def cmd_uninstall_systemd(args: argparse.Namespace) -> int:
+    from fleetbus import systemd
+
+    fleet = _fleet(args)
+    try:
+        rep = systemd.uninstall(fleet, _paths(fleet))
+    except systemd.ForeignUnit as e:
+        raise CliError(str(e), EXIT_REJECTED) from None
+    if not rep.removed and not args.json:
+        print("no fleetbus units installed for this fleet")
+    return _systemd_report(args, rep, "uninstall-systemd")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit 0 when no check fails (warnings allowed), 1 when one does."""
+    from fleetbus import doctor
+
+    fleet = _fleet(args)
+    checks = doctor.run_checks(fleet, _paths(fleet))
+    if args.json:
+        _emit_json(doctor.report(checks))
+    else:
+        print(f"fleet doctor: tenant {fleet.tenant}, roster {fleet.path}")
+        print(doctor.render(checks))
+    return EXIT_OK if doctor.report(checks)["ok"] else EXIT_FAIL
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Exit 3 when ``--write`` names an existing file (nothing is written)."""
+    import shlex
+    from pathlib import Path
+
+    from fleetbus.starter import starter_roster
+
+    if args.write is None:
+        sys.stdout.write(starter_roster(args.profile))
+        return EXIT_OK
+    path = Path(args.write).expanduser()
+    text = starter_roster(args.profile, path=shlex.quote(str(path)))
+    try:
+        with open(path, "x") as f:  # never overwrite an operator's roster
+            f.write(text)
+    except FileExistsError:
+        raise CliError(f"{path} exists; nothing was written (remove it or choose another path)", EXIT_REJECTED) from None
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {e.strerror}", EXIT_USAGE) from None
+    print(f"wrote {path} (profile {args.profile}); next: fleet --roster {path} up")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fleetbus import demo
 
@@ -687,6 +867,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="seconds to wait for confirmation (default: roster bus.verify_timeout_s)")
     p = add("router", cmd_router, "run the router in the foreground")
     p.add_argument("--log-level", default="info")
+    add("holder", cmd_holder, "hold the fleet's tmux server in the foreground (the systemd holder unit's process)")
     p = add("sidecar", cmd_sidecar, "run one slot's sidecar in the foreground")
     p.add_argument("slot")
     p.add_argument("--router", default=None, metavar="ENDPOINT",
@@ -703,6 +884,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("hook", cmd_hook, "forward a runtime hook event to the slot's sidecar (reads the hook payload on stdin)")
     p.add_argument("event", choices=["prompt-submit", "prompt-queued", "turn-start", "turn-end", "session-start"])
     p.add_argument("--session-id", default=None)
+    p = add("init", cmd_init, "print (or --write) a commented starter roster for the agent CLIs installed here")
+    p.add_argument("--profile", choices=["minimal", "software-factory"], default="minimal",
+                   help="minimal (one agent and a shell, default) or software-factory (orchestrator, "
+                        "implementers, reviewer, shell)")
+    p.add_argument("--write", metavar="PATH", default=None, help="write to PATH (never overwrites) instead of stdout")
+    p = add("doctor", cmd_doctor, "check tmux, the fleet's socket and holder, exact targets, restart isolation, "
+                                  "hooks per slot, systemd and linger; each problem with its fix", True)
+    p = add("install-systemd", cmd_install_systemd, "install systemd user units (tmux holder + router), "
+            "daemon-reload, enable them and linger, so the fleet survives reboots and logouts", True)
+    p.add_argument("--enable", action=argparse.BooleanOptionalAction, default=True,
+                   help="enable the units and linger (default) or only install them")
+    p.add_argument("--dry-run", action="store_true", help="print the units and the commands; change nothing")
+    add("uninstall-systemd", cmd_uninstall_systemd, "disable and remove this fleet's systemd user units (the "
+        "router stops; agents keep running)", True)
     p = add("demo", cmd_demo, "run a throwaway fleet on its own tmux socket and show the main job", True)
     p.add_argument("--keep", action="store_true", help="leave the demo fleet running")
     return ap

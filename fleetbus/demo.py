@@ -55,7 +55,7 @@ def run(keep: bool = False, json_out: bool = False) -> int:
     say(f"demo fleet in {home} (tmux socket {paths.tmux_socket})")
     results = []
     try:
-        _, rows = ops.up(fleet, paths, timeout_s=30)
+        rows = ops.up(fleet, paths, timeout_s=30).rows
         say("fleet up:\n" + ops.render_ps(rows) + "\n")
 
         async def send_all():

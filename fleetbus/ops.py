@@ -1,15 +1,19 @@
 """Operator verbs that combine the client, the router process and the transport.
 
 ``up``, ``down`` and ``ps`` work whether or not the router is running: ``ps`` asks the router
-when it answers and otherwise reads the transport and the heartbeat files itself.
+when it answers and otherwise reads the transport and the heartbeat files itself. ``up`` and
+``down`` go through systemd when this fleet's user units are installed and a user manager
+answers (:mod:`fleetbus.systemd`), and otherwise start and stop the router themselves.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import anyio
 
+from fleetbus import systemd
 from fleetbus.client import RouterUnavailable, SyncClient
 from fleetbus.config import FleetConfig
 from fleetbus.paths import FleetPaths
@@ -31,16 +35,33 @@ def _log_tail(path, n: int = 15) -> str:
 
 
 def ps(fleet: FleetConfig, paths: FleetPaths) -> list[SlotStatus]:
-    """Status of every slot: from the router, or from tmux + heartbeat files when it is down."""
+    """Status of every slot: from the router, or from tmux + heartbeat files when it is down.
+
+    Every row gets the flag ``BOOT-ENABLE`` when this fleet's systemd units are installed but
+    would not bring it back after a reboot (a unit not enabled, or linger off); see
+    :func:`boot_problems`.
+    """
+    rows = None
     if procs.router_pid(paths) is not None:
         try:
-            return SyncClient(fleet, paths, connect_timeout_s=3.0).ps()
+            rows = SyncClient(fleet, paths, connect_timeout_s=3.0).ps()
         except RouterUnavailable:
             pass
-    transport = make_transport(fleet, paths)
-    panes = anyio.run(transport.probe_all, backend="asyncio")
-    return collect_status(fleet, panes, beats_from_files(fleet, paths), source="files",
-                          supervision=_supervision_from_journal(fleet, paths))
+    if rows is None:
+        transport = make_transport(fleet, paths)
+        panes = anyio.run(transport.probe_all, backend="asyncio")
+        rows = collect_status(fleet, panes, beats_from_files(fleet, paths), source="files",
+                              supervision=_supervision_from_journal(fleet, paths))
+    if boot_problems(fleet, paths):
+        for r in rows:
+            r.flags.append("BOOT-ENABLE")
+    return rows
+
+
+def boot_problems(fleet: FleetConfig, paths: FleetPaths) -> list[str]:
+    """Why installed units would not bring the fleet back after a reboot (see
+    :attr:`fleetbus.systemd.BootState.problems`); empty without units."""
+    return systemd.boot_state(fleet, paths).problems
 
 
 def _supervision_from_journal(fleet: FleetConfig, paths: FleetPaths) -> dict | None:
@@ -58,19 +79,67 @@ def _supervision_from_journal(fleet: FleetConfig, paths: FleetPaths) -> dict | N
         journal.close()
 
 
-def up(fleet: FleetConfig, paths: FleetPaths, timeout_s: float = 20.0) -> tuple[bool, list[SlotStatus]]:
-    """Start the router in the background if it is not running; wait for the slots' sidecars.
+@dataclass
+class UpResult:
+    """What ``up`` did.
 
-    Returns ``(router_started, rows)``. Waits up to ``timeout_s`` s for every live slot's
-    sidecar to be healthy; slots that are dead or have no sidecar by then show in the rows.
+    Attributes:
+        started: this call started the router. rows: ``ps`` rows once sidecars answered.
+        via: ``"systemd"`` (the units were started) or ``"fleetbus"`` (the router was spawned
+            in the background by this process). detail: which units, or why not systemd.
+        handed_over: pid of a router started outside systemd that was stopped so its unit
+            could take over (slots and sidecars kept running), else None.
+    """
+
+    started: bool
+    rows: list[SlotStatus]
+    via: str
+    detail: str
+    handed_over: int | None = None
+
+
+def up(fleet: FleetConfig, paths: FleetPaths, timeout_s: float = 20.0,
+       runner: systemd.Runner = systemd.run) -> UpResult:
+    """Start the router if it is not running; wait for the slots' sidecars.
+
+    With this fleet's systemd units installed and a user manager answering, ``systemctl --user
+    start`` starts the holder and router units (a router running outside systemd is stopped
+    first: its slots and sidecars keep running and re-register). Otherwise the router is spawned
+    in the background, and a missing ``_holder`` session of a running server is recreated.
+    Waits up to ``timeout_s`` s for every live slot's sidecar to be healthy; slots that are dead
+    or have no sidecar by then show in the rows.
 
     Raises:
-        OpsError: the router did not come up (the message holds the end of its log).
+        OpsError: the router did not come up, or systemd could not start the units (the message
+            holds the end of the router's log or systemctl's answer).
     """
-    started = False
-    if procs.router_pid(paths) is None:
+    boot = systemd.boot_state(fleet, paths)
+    via, detail, handed_over = "fleetbus", "no fleetbus systemd units (`fleet install-systemd` adds them)", None
+    if boot.installed:
+        reachable, why = systemd.manager_reachable(runner)
+        if reachable:
+            via = "systemd"
+        else:
+            detail = f"units installed, but {why}"
+    pid = procs.router_pid(paths)
+    if via == "systemd":
+        holder, router = systemd.unit_names(paths)
+        detail = f"{holder}, {router}"
+        if pid is not None and pid != systemd.main_pid(router, runner):
+            procs.stop_pid(pid, timeout=15.0)  # a router started outside systemd: hand over to the unit
+            handed_over, pid = pid, None
+        p = runner(["systemctl", "--user", "start", holder, router])
+        if p.returncode != 0:
+            raise OpsError(f"systemctl --user start {holder} {router} failed (exit {p.returncode}): "
+                           f"{(p.stderr or p.stdout or '').strip()}\nsee: journalctl --user -u {router}\n"
+                           f"end of {paths.router_log}:\n" + _log_tail(paths.router_log))
+    elif pid is None:
         procs.spawn_router(fleet, paths)
-        started = True
+    else:
+        transport = make_transport(fleet, paths)
+        if hasattr(transport, "ensure_server"):  # a _holder session killed by hand comes back
+            anyio.run(transport.ensure_server, backend="asyncio")
+    started = pid is None
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -87,32 +156,41 @@ def up(fleet: FleetConfig, paths: FleetPaths, timeout_s: float = 20.0) -> tuple[
         rows = ps(fleet, paths)
         waiting = [r for r in rows if r.pane == "alive" and r.heartbeat != "healthy"]
         if not waiting or time.monotonic() > deadline:
-            return started, rows
+            return UpResult(started, rows, via, detail, handed_over)
         time.sleep(0.1)
 
 
-def down(fleet: FleetConfig, paths: FleetPaths, timeout_s: float = 15.0) -> dict:
+def down(fleet: FleetConfig, paths: FleetPaths, timeout_s: float = 15.0,
+         runner: systemd.Runner = systemd.run) -> dict:
     """Stop everything of this tenant: sidecars, slots, the fleet's tmux server, the router.
 
-    Only this fleet's own tmux socket is killed. Returns ``{"via": "router"|"local", ...}``.
+    With installed units and a user manager, ``systemctl --user stop`` stops the router and
+    holder units first, so systemd restarts neither. Only this fleet's own tmux socket is
+    killed. Returns ``{"via": "router"|"local"|"systemd", "router_pid": int|None}``.
     """
+    via_systemd = False
+    if systemd.boot_state(fleet, paths).installed and systemd.manager_reachable(runner)[0]:
+        holder, router = systemd.unit_names(paths)
+        runner(["systemctl", "--user", "stop", router, holder])
+        via_systemd = True
     pid = procs.router_pid(paths)
     if pid is not None:
         try:
             SyncClient(fleet, paths, connect_timeout_s=3.0).shutdown(teardown=True)
             if procs.wait_gone(pid, timeout_s):
-                return {"via": "router", "router_pid": pid}
+                return {"via": "systemd" if via_systemd else "router", "router_pid": pid}
         except RouterUnavailable:
             pass
         procs.stop_pid(pid)
     procs.stop_sidecars(paths, list(fleet.slots))
     anyio.run(make_transport(fleet, paths).shutdown, backend="asyncio")
     paths.remove_run_dir()
-    return {"via": "local", "router_pid": pid}
+    return {"via": "systemd" if via_systemd else "local", "router_pid": pid}
 
 
-def render_ps(rows: list[SlotStatus]) -> str:
-    """Plain-text table of ``fleet ps`` rows (tabulate)."""
+def render_ps(rows: list[SlotStatus], boot: list[str] | None = None) -> str:
+    """Plain-text table of ``fleet ps`` rows (tabulate); ``boot``: :func:`boot_problems`, shown
+    under the table with the fix when not empty."""
     from tabulate import tabulate
 
     def fmt_s(v: float | None) -> str:
@@ -126,4 +204,8 @@ def render_ps(rows: list[SlotStatus]) -> str:
                       r.state, r.task or "-", ",".join(r.flags) or "ok"])
     head = ["SLOT", "RUNTIME", "CLASS", "PANE", "PID", "CMD", "IDLE", "HEARTBEAT", "STATE", "TASK", "FLAGS"]
     title = f"tenant {rows[0].tenant_id} @ {rows[0].host} (heartbeats from {rows[0].source})\n" if rows else "no slots\n"
-    return title + tabulate(table, headers=head, tablefmt="plain")
+    text = title + tabulate(table, headers=head, tablefmt="plain")
+    if boot:
+        text += ("\nBOOT-ENABLE: this fleet would not come back after a reboot: " + "; ".join(boot)
+                 + ".\n  fix: fleet install-systemd (enables the units and linger; `fleet doctor` explains)")
+    return text

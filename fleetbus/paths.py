@@ -39,12 +39,15 @@ class FleetPaths:
         run_dir: private (0700) directory holding the ZeroMQ ``ipc://`` and hook sockets.
         tmux_socket: the tmux ``-L`` socket name of this fleet's private tmux server
             (``<transport.socket>-<tenant>``, or ``-<hash>`` under ``$FLEETBUS_HOME``).
+        instance: this fleet's name in systemd unit names: the tenant, or ``<tenant>-<hash>``
+            under ``$FLEETBUS_HOME`` (so a test or demo fleet never meets a real fleet's units).
     """
 
     tenant: str
     state_dir: Path
     run_dir: Path
     tmux_socket: str
+    instance: str = ""
 
     @property
     def router_endpoint(self) -> str:
@@ -182,6 +185,7 @@ def fleet_paths(tenant: str, socket_name: str, env: dict[str, str] | None = None
             state_dir=base / "state" / tenant,
             run_dir=Path(f"/tmp/fleetbus-{uid}") / h,
             tmux_socket=f"{socket_name}-{h}",
+            instance=f"{tenant}-{h}",
         )
     state_home = Path(env.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
     xdg_run = env.get("XDG_RUNTIME_DIR")
@@ -193,4 +197,5 @@ def fleet_paths(tenant: str, socket_name: str, env: dict[str, str] | None = None
         # per tenant: two tenants whose rosters name the same socket must never share a tmux
         # server (one router would see, type into and kill the other tenant's slots)
         tmux_socket=f"{socket_name}-{tenant}",
+        instance=tenant,
     )

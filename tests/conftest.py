@@ -68,7 +68,7 @@ class FleetEnv:
                               env=self.env, input=input, capture_output=True, text=True, timeout=timeout)
 
     def up(self) -> list:
-        _, rows = ops.up(self.fleet, self.paths, timeout_s=30)
+        rows = ops.up(self.fleet, self.paths, timeout_s=30).rows
         return rows
 
     def ps(self) -> dict:
@@ -95,6 +95,8 @@ def make_fleet(monkeypatch) -> Callable[[str], FleetEnv]:
     tmux_tmp.mkdir()
     monkeypatch.setenv("TMUX_TMPDIR", str(tmux_tmp))
     monkeypatch.delenv("TMUX", raising=False)
+    # systemd user units are looked up (and by install-systemd tests written) here, never in ~/.config
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(base / "config"))
 
     def factory(roster_text: str, name: str = "f") -> FleetEnv:
         home = base / name

@@ -259,18 +259,67 @@ class TmuxTransport:
         return proc.returncode == 0
 
     async def ensure_server(self) -> None:
-        """Start the private server with its ``_holder`` session, and set server options."""
+        """Start the private server with its ``_holder`` session, and set server options.
+
+        Creates only the ``_holder`` session when the server runs without one (killed by hand):
+        the slots keep running. Safe to race with another process doing the same (the holder
+        unit and the router): a ``duplicate session`` answer means the other one won.
+
+        Raises:
+            TransportError: tmux could not start the server or the session.
+        """
         if await self.server_alive():
             return
-        await self._run(
-            "new-session", "-d", "-s", HOLDER, "-x", "80", "-y", "24", "--", "sh", "-c",
-            "trap 'exit 0' TERM HUP; while :; do sleep 3600; done",
-            ";", "set-option", "-g", "remain-on-exit", "on",
-            ";", "set-option", "-g", "history-limit", "5000",
-            ";", "set-option", "-g", "default-size", f"{self.width}x{self.height}",
-            ";", "set-option", "-g", "status", "off",
-            ";", "set-option", "-g", "escape-time", "10",
-        )
+        try:
+            await self._run(
+                "new-session", "-d", "-s", HOLDER, "-x", "80", "-y", "24", "--", "sh", "-c",
+                "trap 'exit 0' TERM HUP; while :; do sleep 3600; done",
+                ";", "set-option", "-g", "remain-on-exit", "on",
+                ";", "set-option", "-g", "history-limit", "5000",
+                ";", "set-option", "-g", "default-size", f"{self.width}x{self.height}",
+                ";", "set-option", "-g", "status", "off",
+                ";", "set-option", "-g", "escape-time", "10",
+            )
+        except TransportError as e:
+            if "duplicate session" not in str(e) or not await self.server_alive():
+                raise
+
+    async def server_pid(self) -> int | None:
+        """Pid of this fleet's tmux server, or None when none answers on the socket."""
+        out = await self._run("display-message", "-p", "#{pid}", check=False)
+        return int(out.strip()) if out.strip().isdigit() else None
+
+    async def hold(self, on_ready=None) -> str:
+        """Run as the server's holder: ensure the server and its ``_holder`` session, then stay
+        attached to ``_holder`` as a control-mode client until that session or the server ends.
+
+        This is the main process of the systemd holder unit (``fleet holder``): the tmux server
+        it starts lives in the unit's cgroup, and the unit is active exactly while ``_holder``
+        exists. Ending this process (SIGTERM) leaves the server and every slot running.
+
+        Args:
+            on_ready: called once the session exists (``sd_notify`` READY).
+        Returns:
+            why holding ended (``"holder session ended"`` or ``"tmux server ended"``).
+        Raises:
+            TransportError: the server could not be started.
+        """
+        await self.ensure_server()
+        proc = await anyio.open_process([*self.base, "-C", "attach-session", "-t", f"={HOLDER}"],
+                                        stderr=subprocess.DEVNULL, env=_client_env())
+        try:
+            if on_ready is not None:
+                on_ready()
+            assert proc.stdout is not None
+            async for _ in proc.stdout:  # notifications until the session ends (%exit, then EOF)
+                pass
+            await proc.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                if proc.returncode is None:
+                    proc.terminate()
+                    await proc.wait()
+        return "holder session ended" if await self.server_pid() is not None else "tmux server ended"
 
     def _launch_args(self, spec: LaunchSpec) -> list[str]:
         """``-c DIR -e K=V ... -- sh -c 'exec "$0" "$@"' ARGV``: every value reaches the runtime
