@@ -787,7 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON")
         return p
 
-    p = add("up", cmd_up, "start the router (in the background), the slots and their sidecars", True)
+    p = add("up", cmd_up, "start the router (through systemd when this fleet's units are installed, else in the "
+                          "background), the slots and their sidecars; says which it used", True)
     p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for sidecars (default 20)")
     add("down", cmd_down, "stop sidecars, slots, the fleet's tmux server and the router", True)
     add("ps", cmd_ps, "one row per slot: pane, process, heartbeat, flags", True)
