@@ -324,7 +324,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"router pid {res.handed_over} ran outside systemd: stopped it (slots kept running)")
         what = "router started" if res.started else "router already running"
         print(f"{what} (supervisor: {res.via}; {res.detail})")
-        print(ops.render_ps(res.rows, ops.boot_problems(fleet, paths)))
+        print(ops.render_ps(res.rows, _boot_footer(fleet, paths, res.rows)))
     return EXIT_OK
 
 
@@ -340,6 +340,13 @@ def cmd_down(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _boot_footer(fleet, paths, rows) -> list[str]:
+    """Why the fleet would not survive a reboot, read again only when ``ops.ps`` flagged it."""
+    from fleetbus import ops
+
+    return ops.boot_problems(fleet, paths) if any("BOOT-ENABLE" in r.flags for r in rows) else []
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
     from fleetbus import ops
 
@@ -349,7 +356,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json([r.model_dump(by_alias=True) for r in rows])
     else:
-        print(ops.render_ps(rows, ops.boot_problems(fleet, paths)))
+        print(ops.render_ps(rows, _boot_footer(fleet, paths, rows)))
     return EXIT_OK
 
 
@@ -702,11 +709,8 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
         for n in rep.notes:
             print(f"# note: {n}")
         return EXIT_OK
-    if args.dry_run:
-        rep.todo = []
-        return _systemd_report(args, rep, "install-systemd")
     code = _systemd_report(args, rep, "install-systemd")
-    if not args.json:
+    if not args.json and not args.dry_run:
         print("next: fleet up (starts the units" + (")" if rep.complete else " once a systemd user manager runs)"))
     return code
 

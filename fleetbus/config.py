@@ -17,6 +17,8 @@ Errors name the file, the path inside it and what was expected, for example
 import getpass
 import os
 import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from fleetbus.adapters import get_adapter
 from fleetbus.adapters import names as runtime_names
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -312,6 +315,19 @@ class Slot(BaseModel):
     reset_between_tasks: bool = False
     restart: str = "on-failure"
     kickstart: str | None = None
+
+    def program(self, base_path: str | None = None) -> tuple[str, str, str | None]:
+        """Where this slot's program is: ``(argv0, PATH searched, absolute executable or None)``.
+
+        The PATH is the slot's ``env.PATH`` if set, else ``base_path``, else this interpreter's
+        bin dir followed by this process's ``PATH`` (what the router gives the pane). An absolute
+        ``argv0`` is taken as it is; the executable is None when missing or not executable.
+        """
+        path = self.env.get("PATH") or base_path or os.pathsep.join(
+            [os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")])
+        argv0 = (self.command or get_adapter(self.runtime).command)[0]
+        exe = argv0 if os.path.isabs(argv0) else shutil.which(argv0, path=path)
+        return argv0, path, exe if exe and os.access(exe, os.X_OK) else None
 
 
 class FleetConfig(BaseModel):

@@ -19,17 +19,15 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shlex
 import shutil
 import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import anyio
 
 from fleetbus import systemd
-from fleetbus.adapters import get_adapter
+from fleetbus.adapters import HOOK_COMMAND, get_adapter
 from fleetbus.config import FleetConfig
 from fleetbus.paths import FleetPaths
 from fleetbus.router import procs
@@ -82,8 +80,7 @@ def _cgroup(pid: int) -> str | None:
     return None
 
 
-async def _server(fleet: FleetConfig, paths: FleetPaths, boot: systemd.BootState) -> list[Check]:
-    t = TmuxTransport(paths.tmux_socket)
+async def _server(t: TmuxTransport, paths: FleetPaths, boot: systemd.BootState) -> list[Check]:
     sock = t.socket_path()
     pid = await t.server_pid()
     router = procs.router_pid(paths)
@@ -191,11 +188,9 @@ def _router(fleet: FleetConfig, paths: FleetPaths) -> Check:
 def _slot(fleet: FleetConfig, paths: FleetPaths, name: str, alive: bool) -> Check:
     slot = fleet.slots[name]
     adapter = get_adapter(slot.runtime)
-    path = slot.env.get("PATH") or systemd.service_path()
-    argv0 = (slot.command or adapter.command)[0]
-    exe = argv0 if os.path.isabs(argv0) else shutil.which(argv0, path=path)
+    argv0, _, exe = slot.program(systemd.service_path())
     fails, warns, seen = [], [], []
-    if not exe or not os.access(exe, os.X_OK):
+    if exe is None:
         fails.append(f"{argv0!r} not found on the router's PATH")
     else:
         seen.append(f"{slot.runtime} at {exe}")
@@ -207,7 +202,7 @@ def _slot(fleet: FleetConfig, paths: FleetPaths, name: str, alive: bool) -> Chec
     elif adapter.hook_setup is None:
         seen.append("hook built in")
     else:
-        wiring = adapter.hook_setup(f"{shlex.quote(sys.executable)} -m fleetbus hook")
+        wiring = adapter.hook_setup(HOOK_COMMAND)
         d = paths.slot_dir(name)
         missing = [f for f in wiring.files if not (d / f).is_file()]
         stale = [f for f in wiring.files if f not in missing and (d / f).read_text() != wiring.files[f]]
@@ -272,8 +267,8 @@ def run_checks(fleet: FleetConfig, paths: FleetPaths, runner: systemd.Runner = s
         panes: dict = {}
     else:
         async def both():
-            return await _server(fleet, paths, boot), await _scratch(), \
-                await TmuxTransport(paths.tmux_socket).probe_all()
+            t = TmuxTransport(paths.tmux_socket)
+            return await _server(t, paths, boot), await _scratch(), await t.probe_all()
 
         server, scratch, panes = anyio.run(both, backend="asyncio")
         checks += server + scratch

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -259,16 +258,18 @@ def boot_state(fleet: FleetConfig, paths: FleetPaths, env: Mapping[str, str] | N
     d = unit_dir(env)
     states: dict[str, str] = {}
     stale: list[str] = []
-    try:
-        expected = {u.name: u.text for u in render_units(fleet, paths, env)}
-    except SystemdError:
-        expected = {}
+    expected: dict[str, str] | None = None  # rendered once, and only when a unit is installed
     for name in unit_names(paths):
         f = d / name
         if not f.is_file():
             states[name] = "missing"
             continue
         states[name] = "enabled" if (d / "default.target.wants" / name).exists() else "disabled"
+        if expected is None:
+            try:
+                expected = {u.name: u.text for u in render_units(fleet, paths, env)}
+            except SystemdError:
+                expected = {}
         try:
             if expected and f.read_text() != expected.get(name):
                 stale.append(name)
@@ -353,10 +354,8 @@ def install(fleet: FleetConfig, paths: FleetPaths, *, enable: bool = True, dry_r
             raise ForeignUnit(f"{d / u.name} exists and was not written by fleetbus; nothing was changed")
     path = service_path(env)
     for slot in fleet.slots.values():
-        from fleetbus.adapters import get_adapter
-
-        argv0 = (slot.command or get_adapter(slot.runtime).command)[0]
-        if "PATH" not in slot.env and not os.path.isabs(argv0) and not shutil.which(argv0, path=path):
+        argv0, _, exe = slot.program(path)
+        if "PATH" not in slot.env and not os.path.isabs(argv0) and exe is None:
             rep.notes.append(f"slot {slot.name}: {argv0!r} is not on the units' PATH; install it or set the "
                              f"slot's env.PATH, then run install-systemd again")
     if dry_run:

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
+
+#: the command a runtime's hooks run: this interpreter's ``fleet hook``, so no venv activation is needed
+HOOK_COMMAND = f"{shlex.quote(sys.executable)} -m fleetbus hook"
 
 #: The marker fleetbus puts in every framed message; ``<id>`` is the message id (12 hex chars).
 MARKER_PREFIX = "fleet#"

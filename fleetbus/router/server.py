@@ -18,10 +18,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import shlex
-import shutil
 import socket
-import sys
 import time
 from typing import Any
 
@@ -31,7 +28,7 @@ import zmq.asyncio
 from pydantic import BaseModel
 
 from fleetbus import protocol as P
-from fleetbus.adapters import get_adapter
+from fleetbus.adapters import HOOK_COMMAND, get_adapter
 from fleetbus.config import FleetConfig, Slot
 from fleetbus.paths import FleetPaths, fleet_paths
 from fleetbus.router import procs, verify
@@ -78,14 +75,12 @@ def launch_spec(fleet: FleetConfig, paths: FleetPaths, slot: Slot) -> LaunchSpec
         TransportError: the program is not found on that PATH.
     """
     adapter = get_adapter(slot.runtime)
-    path = slot.env.get("PATH") or os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")])
-    argv = list(slot.command or adapter.command)
-    exe = shutil.which(argv[0], path=path) if not os.path.isabs(argv[0]) else argv[0]
-    if not exe or not os.access(exe, os.X_OK):
-        raise TransportError(f"slot {slot.name!r}: program {argv[0]!r} not found on PATH={path}")
-    argv[0] = exe
+    argv0, path, exe = slot.program()
+    if exe is None:
+        raise TransportError(f"slot {slot.name!r}: program {argv0!r} not found on PATH={path}")
+    argv = [exe, *(slot.command or adapter.command)[1:]]
     if adapter.hook_setup is not None:
-        hooks = adapter.hook_setup(f"{shlex.quote(sys.executable)} -m fleetbus hook")
+        hooks = adapter.hook_setup(HOOK_COMMAND)
         slot_dir = paths.slot_dir(slot.name)
         slot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for name, content in hooks.files.items():
