@@ -39,6 +39,21 @@ MAX_WAIT_S = 30 * 86400.0
 #: An identifier: at most MAX_ID_CHARS characters and no control character (C0, DEL, C1), so it
 #: can never carry an escape sequence into a log line, a message tag or a pane.
 Ident = Annotated[str, StringConstraints(max_length=MAX_ID_CHARS, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")]
+#: What a sender name (``--from``) may hold: it is typed into every message tag
+#: (``[fleet#<id> <sender> -> <slot>]``), so it may not carry brackets, blanks, ``->`` or a
+#: marker (``fleet#...``): letters, digits and ``. _ @ : + / = -``, 1 to 64 characters.
+SENDER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+/=-]{0,63}")
+
+
+def _sender(value: str) -> str:
+    if not SENDER_RE.fullmatch(value):
+        raise ValueError(f"sender {value[:70]!r} is not a sender name: 1 to 64 letters, digits or . _ @ : + / = - "
+                         "(starting with a letter or digit); it is typed into the message tag")
+    return value
+
+
+#: A sender name (:data:`SENDER_RE`).
+Sender = Annotated[str, AfterValidator(_sender)]
 #: A duration in seconds: finite (every envelope refuses NaN and infinities), 0 <= s <= MAX_WAIT_S.
 Seconds = Annotated[float, Field(ge=0, le=MAX_WAIT_S)]
 #: A process id (Linux pids are below 2**22; anything above 2**31 - 1 is refused).
@@ -194,7 +209,7 @@ class SendRequest(_Env):
     req: Ident
     to: Ident
     body: Utf8Text
-    sender: Ident = "ops"  # typed into the pane's message tag: no control characters (Ident)
+    sender: Sender = "ops"  # typed into the pane's message tag (SENDER_RE)
     verify: bool = True
     timeout_s: Seconds | None = None
     on_busy_input: Literal["fail", "clear"] = "fail"
@@ -224,7 +239,7 @@ class PublishRequest(_Env):
     req: Ident
     to: Ident
     body: Utf8Text
-    sender: Ident = "ops"
+    sender: Sender = "ops"
     wait: Literal["published", "assigned", "accepted", "done"] = "published"
     wait_s: Seconds | None = None
     timeout_s: Seconds | None = None
@@ -551,6 +566,8 @@ class InvalidBody(ValueError):
 
 _CONTROL_NAMES = {0x1B: "ESC", 0x0D: "CR", 0x07: "BEL", 0x08: "BS", 0x7F: "DEL", 0x9B: "CSI", 0x00: "NUL",
                   0x9D: "OSC", 0x90: "DCS", 0x9C: "ST", 0x85: "NEL"}
+#: The start of a fleet message tag (``[fleet#`` + a 12-hex message id): refused in bodies.
+TAG_START = re.compile(r"\[fleet#[0-9a-f]{12}")
 #: Every character check_body refuses: C0 but LF and TAB, DEL, C1, and lone surrogates.
 _FORBIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
@@ -570,6 +587,8 @@ def check_body(body: str, max_bytes: int) -> str:
     4. Controls: every C0 control but LF and TAB (NUL, BEL, BS, a bare CR, ESC: so every
        escape sequence, CSI, OSC, DCS, APC, and the bracketed-paste markers ``ESC[200~`` and
        ``ESC[201~``), DEL, and every C1 control U+0080–U+009F (8-bit CSI, OSC, DCS, ST, NEL).
+    5. A message tag (``[fleet#`` and 12 hex digits, see :data:`TAG_START`): typed into a
+       pane it could be taken for another message's tag; fleetbus puts the only tag itself.
 
     Nothing is stripped or rewritten but line ends: a body is delivered exactly or refused.
     tmux 3.3 passes pasted escape sequences through unchanged, so this check is what keeps a
@@ -595,4 +614,8 @@ def check_body(body: str, max_bytes: int) -> str:
             f"body contains {name} character U+{o:04X} at offset {i}; control characters and "
             "escape sequences are refused (only newline and tab are allowed)"
         )
+    m = TAG_START.search(body)
+    if m is not None:
+        raise InvalidBody(f"body contains a fleet message tag {m.group()!r} at offset {m.start()}; it could be taken "
+                          "for another message's acknowledgement (write it without the '[')")
     return body

@@ -55,7 +55,7 @@ def test_hook_frame_decodes_as_hook_event():
     assert ev.event == "prompt-submit"
     assert ev.slot == "a" and ev.runtime == "stub"
     assert ev.session_id == "sess-1"
-    assert ev.markers == [MID1, MID2]
+    assert ev.markers == [MID1]  # only the tag in tag position acknowledges; mentions do not
     assert ev.prompt_head == prompt
     assert t0 - 1 <= ev.at <= time.time() + 1
 
@@ -69,11 +69,11 @@ def test_hook_frame_every_event(event):
 
 
 def test_hook_frame_prompt_head_capped_at_200_chars():
-    prompt = "é" * 150 + "x" * 150 + f" fleet#{MID1}"
+    prompt = "é" * 150 + "x" * 150 + f"\n[fleet#{MID1} ops -> a] second prompt"
     ev = decode(hook_frame("prompt-submit", prompt=prompt))
     assert ev.prompt_head == prompt[:200]
     assert len(ev.prompt_head) == 200
-    assert ev.markers == [MID1]  # markers come from the whole prompt, not only the head
+    assert ev.markers == [MID1]  # tags come from the whole prompt, not only the head
 
 
 def test_hook_frame_without_session_omits_key():
@@ -82,12 +82,13 @@ def test_hook_frame_without_session_omits_key():
     assert raw["v"] == 1 and raw["kind"] == "HOOK"
 
 
-def test_hook_frame_matches_protocol_marker_regex():
-    from fleetbus.adapters import find_markers
+def test_hook_frame_takes_tags_in_tag_position_only():
+    from fleetbus.adapters import tag_markers
 
-    text = f"a fleet#{MID1} b fleet#{MID2}c fleet#{MID2}"
+    text = f"[fleet#{MID1} ops -> a] b fleet#{MID2}\n[fleet#{MID2} ops -> a] c fleet#{MID2}"
     markers = msgpack.unpackb(hook.hook_frame("prompt-submit", prompt=text))["markers"]
-    assert markers == find_markers(text) == [MID1, MID2]
+    assert markers == tag_markers(text) == [MID1, MID2]
+    assert msgpack.unpackb(hook.hook_frame("prompt-submit", prompt=f"a fleet#{MID1} b"))["markers"] == []
 
 
 # --- send_hook -------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def hook(event, prompt="", session=None, source=""):
 
 
 def test_prompt_submit_acks_every_marker_and_keeps_them_until_sent(sidecar):
-    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID}] a and [fleet#{MID2}] b", "s1"))
+    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID} ops -> a] a\n[fleet#{MID2} ops -> a] b", "s1"))
     assert [(a.id, a.stage, a.session_id) for a in sidecar.pending_acks] == [(MID, "accepted", "s1"), (MID2, "accepted", "s1")]
     assert sidecar.state == "busy"
     sidecar.on_hook(hook("turn-end", session="s1"))
@@ -46,28 +46,28 @@ def test_prompt_submit_acks_every_marker_and_keeps_them_until_sent(sidecar):
 
 
 def test_queued_acks_are_not_kept_for_later(sidecar):
-    sidecar.on_hook(hook("prompt-queued", f"[fleet#{MID}] x", "s1"))
+    sidecar.on_hook(hook("prompt-queued", f"[fleet#{MID} ops -> a] x", "s1"))
     assert sidecar.pending_acks == [], "a queued ack is only useful while the sender waits"
 
 
 def test_prompt_from_a_side_session_is_ignored(sidecar):
     sidecar.on_hook(hook("session-start", session="main", source="startup"))
-    sidecar.on_hook(hook("prompt-submit", f"title for [fleet#{MID}]", "side-thread"))
+    sidecar.on_hook(hook("prompt-submit", f"title for [fleet#{MID} ops -> a]", "side-thread"))
     assert sidecar.pending_acks == [] and sidecar.side_events == 1 and sidecar.state == "idle"
-    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID}] real", "main"))
+    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID} ops -> a] real", "main"))
     assert [a.id for a in sidecar.pending_acks] == [MID]
 
 
 def test_new_session_after_reset_is_followed(sidecar):
     sidecar.on_hook(hook("session-start", session="one"))
     sidecar.on_hook(hook("session-start", session="two", source="clear"))
-    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID}] after clear", "two"))
+    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID} ops -> a] after clear", "two"))
     assert [a.session_id for a in sidecar.pending_acks] == ["two"] and sidecar.session_id == "two"
 
 
 def test_without_session_start_the_first_session_seen_is_adopted(sidecar):
-    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID}] x", "s9"))
-    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID2}] y", "other"))
+    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID} ops -> a] x", "s9"))
+    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID2} ops -> a] y", "other"))
     assert len(sidecar.pending_acks) == 2, "no session was announced: nothing is treated as a side thread"
 
 
@@ -83,8 +83,8 @@ def test_json_lines_on_the_stream_socket(sidecar):
                 {"event": "session-start", "session_id": "ses_1", "source": "startup"},
                 "not json at all",
                 {"event": "no-such-event"},
-                {"event": "prompt-queued", "prompt": f"[fleet#{MID2}] queued", "session_id": "ses_1"},
-                {"event": "prompt-submit", "prompt": f"[fleet#{MID}] hi", "sessionID": "ses_1"},
+                {"event": "prompt-queued", "prompt": f"[fleet#{MID2} ops -> a] queued", "session_id": "ses_1"},
+                {"event": "prompt-submit", "prompt": f"[fleet#{MID} ops -> a] hi", "sessionID": "ses_1"},
             ]
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.connect(str(path))
@@ -107,7 +107,7 @@ def test_acks_survive_a_sidecar_restart_for_replay(sidecar):
     import json
     import time
 
-    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID}] x", "s1"))
+    sidecar.on_hook(hook("prompt-submit", f"[fleet#{MID} ops -> a] x", "s1"))
     log = sidecar.paths.ack_log("a")
     old = json.dumps({"t": time.time() - 3600, "id": MID2, "s": "s0"})
     log.write_text(log.read_text() + old + "\n" + "not json\n")
@@ -123,7 +123,7 @@ def test_hook_spools_acks_while_the_sidecar_is_down_and_the_sidecar_replays_them
     from fleetbus.agents.hook import send_hook, spool_path
 
     sock = str(sidecar.paths.hook_socket("a"))  # nobody is bound to it
-    assert send_hook("prompt-submit", prompt=f"[fleet#{MID}] x", session_id="s1", path=sock) is False
+    assert send_hook("prompt-submit", prompt=f"[fleet#{MID} ops -> a] x", session_id="s1", path=sock) is False
     assert send_hook("turn-end", path=sock) is False  # carries no ack: not spooled
     assert len(open(spool_path(sock)).read().splitlines()) == 1
     assert sidecar.replay_spool() == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleetbus.adapters.base import HOOK_COMMAND, Adapter, HookSetup, SubmitProfile, find_markers, marker
+from fleetbus.adapters.base import HOOK_COMMAND, Adapter, HookSetup, SubmitProfile, find_markers, marker, tag_markers
 from fleetbus.adapters.claude import CLAUDE
 from fleetbus.adapters.codex import CODEX
 from fleetbus.adapters.gemini import GEMINI
@@ -14,7 +14,7 @@ from fleetbus.adapters.stub import STUB
 
 ADAPTERS: dict[str, Adapter] = {a.name: a for a in (STUB, SHELL, PYTHON, CLAUDE, CODEX, PI, OPENCODE, GEMINI)}
 
-__all__ = ["ADAPTERS", "HOOK_COMMAND", "Adapter", "HookSetup", "SubmitProfile", "find_markers", "get_adapter", "marker", "names"]
+__all__ = ["ADAPTERS", "HOOK_COMMAND", "Adapter", "HookSetup", "SubmitProfile", "find_markers", "get_adapter", "marker", "names", "tag_markers"]
 
 
 def names() -> list[str]:

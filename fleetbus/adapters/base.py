@@ -27,9 +27,31 @@ def marker(msg_id: str) -> str:
     return f"{MARKER_PREFIX}{msg_id}"
 
 
+#: A message tag in tag position: at the start of a line (leading blanks allowed), the whole
+#: ``[fleet#<id> <sender> -> <slot>]`` shape, with a sender of :data:`fleetbus.protocol.SENDER_RE`'s
+#: characters and a slot name. A prompt that starts with a framed message (``prefix`` style) has
+#: one at its start; runtimes that join queued prompts (one per line) have one per line.
+TAG_RE = re.compile(r"^[ \t]*\[fleet#([0-9a-f]{12}) [A-Za-z0-9._@:+/=-]{1,64} -> [a-z0-9][a-z0-9._-]{0,39}\]",
+                    re.MULTILINE)
+
+
 def find_markers(text: str) -> list[str]:
-    """Return the message ids of every marker in ``text``, in order of appearance."""
+    """Return the message ids of every marker in ``text``, in order of appearance (anywhere: for
+    looking at a pane; acknowledgements use :func:`tag_markers`)."""
     return MARKER_RE.findall(text)
+
+
+def tag_markers(prompt: str) -> list[str]:
+    """Return the message ids of the message tags in tag position in ``prompt`` (a runtime's
+    submitted prompt, from its hook), in order: only these may acknowledge a message. A marker
+    elsewhere (quoted in a body, in a sender name, typed mid-line by a person) is not a tag.
+
+    >>> tag_markers("[fleet#0123456789ab ops -> a] see fleet#ffffffffffff")
+    ['0123456789ab']
+    >>> tag_markers("please look at [fleet#0123456789ab ops -> a]")
+    []
+    """
+    return TAG_RE.findall(prompt)
 
 
 @dataclass(frozen=True)

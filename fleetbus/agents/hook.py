@@ -23,7 +23,7 @@ import time
 
 import msgpack
 
-from fleetbus.adapters.base import find_markers
+from fleetbus.adapters.base import tag_markers
 
 EVENTS = ("prompt-submit", "prompt-queued", "turn-start", "turn-end", "session-start")
 #: Largest spool file (bytes) a hook appends to; beyond it events are dropped as before.
@@ -56,7 +56,7 @@ def hook_frame(event: str, *, prompt: str = "", session_id: str | None = None, s
     """Encode a HOOK frame. Markers are taken from ``prompt``; ``prompt_head`` keeps 200 chars."""
     frame = {
         "v": 1, "kind": "HOOK", "event": event, "slot": slot, "runtime": runtime, "source": source[:40],
-        "markers": find_markers(prompt), "prompt_head": prompt[:200], "at": time.time(),
+        "markers": tag_markers(prompt), "prompt_head": prompt[:200], "at": time.time(),
     }
     if session_id:
         frame["session_id"] = session_id[:200]
@@ -83,7 +83,7 @@ def send_hook(event: str, *, prompt: str = "", session_id: str | None = None, so
         return True
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN) \
-                and event in ("prompt-submit", "prompt-queued") and find_markers(prompt):
+                and event in ("prompt-submit", "prompt-queued") and tag_markers(prompt):
             _spool(path, data)  # the sidecar is down or behind: it replays this at its next beat
         return False
     except ValueError:

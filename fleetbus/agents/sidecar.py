@@ -41,7 +41,7 @@ import zmq
 import zmq.asyncio
 
 from fleetbus import protocol as P
-from fleetbus.adapters.base import find_markers
+from fleetbus.adapters.base import tag_markers
 from fleetbus.agents.hook import EVENTS, payload_fields, spool_path
 from fleetbus.config import FleetConfig
 from fleetbus.paths import FleetPaths, fleet_paths
@@ -397,7 +397,7 @@ class Sidecar:
                 raise ValueError(f"unknown event {obj.get('event') if isinstance(obj, dict) else obj!r}")
             prompt, session, source = payload_fields(obj)
             ev = P.HookEvent(event=obj["event"], slot=self.slot.name, runtime=self.slot.runtime,
-                             session_id=session, source=source[:40], markers=find_markers(prompt),
+                             session_id=session, source=source[:40], markers=tag_markers(prompt),
                              prompt_head=prompt[:200])
         except (ValueError, TypeError) as e:
             log.warning("dropped malformed hook line: %s", e)

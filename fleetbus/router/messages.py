@@ -83,6 +83,12 @@ class MessagePath:
         rec = d.rec if d is not None else self.journal.get(ack.id)
         if rec is None or rec.slot != slot or rec.state in ("accepted", "rejected", "dead-letter"):
             return
+        if rec.state == "queued" and not any(c["state"] == "typing" for c in self.journal.changes_of(rec.id)):
+            # never typed: the marker came from text someone else put in the pane
+            self.ignored_acks += 1
+            log.warning("ignored an ack for message %s of %s: it was never typed (a marker typed by someone else?)",
+                        rec.id, slot)
+            return
         late = d or Delivery(rec, P.SendRequest(req="late", to=rec.slot, body=rec.body), time.monotonic())
         r = self._result(late, "accepted", evidence="runtime-ack", session_id=ack.session_id,
                          detail=f"late ack (the message was {rec.state})")

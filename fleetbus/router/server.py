@@ -146,6 +146,7 @@ class Router(MessagePath):
         self._journal: Journal | None = None
         self.session_waiters: dict[str, list[anyio.Event]] = {}
         self.dropped_frames = 0
+        self.ignored_acks = 0  # acks for messages that were never typed (MessagePath._late_ack)
         self.started = time.time()
         self._send_lock = anyio.Lock()
         self._stop = anyio.Event()
@@ -512,6 +513,7 @@ class Router(MessagePath):
             "tenant_id": self.fleet.tenant, "host": self.host, "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3), "protocol": P.PROTOCOL_VERSION,
             "sidecars": len(self.table.peers), "dropped_frames": self.dropped_frames,
+            "ignored_acks": self.ignored_acks,
             # fleetbus.router.auth: distinct peers refused by uid or CURVE key, every refused handshake
             "refused_peers": self.auth.refused_peers if self.auth else 0,
             "refused_handshakes": self.auth.refused_handshakes if self.auth else 0,
