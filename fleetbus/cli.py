@@ -23,7 +23,8 @@ Exit codes (stable):
 (no systemd user manager, linger needs root; the commands are printed), 3 when a unit file of
 that name was not written by fleetbus (nothing changed); ``uninstall-systemd`` likewise 3.
 
-``keys``: 2 for an invalid key name or an unreadable or unsafe key file; 3 when ``revoke`` names
+``keys``: 2 for an invalid key name, ``create`` without ``--slots`` or with a slot not in the
+roster, or an unreadable or unsafe key file; 3 when ``revoke`` names
 no key or ``create`` a name already used (nothing is changed). ``sidecar``: 2 when a ``tcp://``
 router lacks ``--key``/``--router-key`` or a key file is unreadable.
 
@@ -253,7 +254,10 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    """``fleet keys init|create NAME|list|revoke NAME``: CURVE keys of the tcp endpoint."""
+    """``fleet keys init|create NAME --slots A,B|list|revoke NAME``: CURVE keys of the tcp endpoint,
+    each client key bound to the slots it may serve; ``revoke`` also asks a running router to
+    drop the key's live connections (``dropped`` in ``--json``: ``[{"slot", "key"}]``, or null
+    when no router runs)."""
     from fleetbus import keys
 
     if args.name and args.action in ("init", "list"):
@@ -270,11 +274,20 @@ def cmd_keys(args: argparse.Namespace) -> int:
         elif args.action == "create":
             if not args.name:
                 raise CliError("`fleet keys create` needs a NAME", EXIT_USAGE)
+            slots = [n for n in (args.slots or "").split(",") if n]
+            if not slots:
+                raise CliError("`fleet keys create NAME --slots a,b`: a client key serves the slots named there only",
+                               EXIT_USAGE)
+            unknown = [n for n in slots if n not in fleet.slots]
+            if unknown:
+                raise CliError(f"--slots names {', '.join(unknown)}, not in the roster (slots: "
+                               f"{', '.join(fleet.slots) or '(none)'})", EXIT_USAGE)
             router, _ = keys.init_router_keys(paths)
-            info = keys.create_client(paths, args.name)
+            info = keys.create_client(paths, args.name, slots)
             endpoint = fleet.roster.bus.tcp or "tcp://HOST:PORT"
             out = {**info.to_json(), "router_public_file": router.public_file, "router_endpoint": fleet.roster.bus.tcp}
-            text = (f"client key {info.name!r} created and allowed (public key {info.public_key})\n"
+            text = (f"client key {info.name!r} created and allowed for slot(s) {', '.join(info.slots)} "
+                    f"(public key {info.public_key})\n"
                     f"secret: {info.secret_file}\n"
                     f"copy to the remote machine, keeping the secret private (chmod 600):\n"
                     f"  {info.secret_file}\n  {router.public_file}\n"
@@ -285,9 +298,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
             if not args.name:
                 raise CliError("`fleet keys revoke` needs a NAME", EXIT_USAGE)
             info, changed = keys.revoke_client(paths, args.name)
-            out = {"changed": changed, **info.to_json()}
+            dropped = _drop_revoked_connections(fleet, paths) if changed else None
+            out = {"changed": changed, "dropped": dropped, **info.to_json()}
             text = (f"client key {info.name!r} " + ("revoked: new connections with it are refused; its secret was "
                                                   "deleted" if changed else "was already revoked"))
+            if dropped:
+                text += "\nlive connections dropped: " + ", ".join(f"{d['slot']} (key {d['key']})" for d in dropped)
         else:
             router, clients = keys.list_keys(paths)
             out = {"tenant_id": fleet.tenant, "tcp": fleet.roster.bus.tcp, "keys_dir": str(paths.keys_dir),
@@ -295,8 +311,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
             from tabulate import tabulate
 
             rows = [["router", "router", router.public_key, router.public_file]] if router else []
-            rows += [[c.name, c.status, c.public_key, c.secret_file or "-"] for c in clients]
-            head = ["NAME", "STATUS", "PUBLIC KEY", "COPY TO THE REMOTE MACHINE"]
+            rows += [[c.name, c.status, ",".join(c.slots) or "(none)", c.public_key, c.secret_file or "-"]
+                     for c in clients]
+            if router:
+                rows[0].insert(2, "-")
+            head = ["NAME", "STATUS", "SLOTS", "PUBLIC KEY", "COPY TO THE REMOTE MACHINE"]
             text = tabulate(rows, headers=head, tablefmt="plain") if rows else "no keys (run `fleet keys init`)"
     except keys.KeysError as e:
         raise CliError(str(e), EXIT_REJECTED if e.kind in ("unknown", "exists") else EXIT_USAGE) from None
@@ -305,6 +324,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
     else:
         print(text)
     return EXIT_OK
+
+
+def _drop_revoked_connections(fleet: Any, paths: Any) -> list[dict[str, str]] | None:
+    """Ask a running router to drop the live connections of revoked keys; None when no router
+    runs (it refuses the key on its next handshake or frame anyway)."""
+    from fleetbus.client import RequestFailed, RouterUnavailable, SyncClient
+
+    if not paths.router_running():
+        return None
+    try:
+        return SyncClient(fleet, paths, connect_timeout_s=3.0).call(lambda c: c.reload_keys())["dropped"]
+    except (RouterUnavailable, RequestFailed) as e:
+        print(f"fleet: the router did not confirm dropping the key's connections ({e}); it refuses the key's "
+              "next frame", file=sys.stderr)
+        return None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -883,9 +917,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-key", default=None, metavar="FILE", help="the router's public key file (router.key)")
     p.add_argument("--log-level", default="info")
     p = add("keys", cmd_keys, "CURVE keys of the tcp endpoint for remote sidecars: init (router keypair), create "
-                              "NAME (a client keypair, allowed), list, revoke NAME", True)
+                              "NAME --slots A,B (a client keypair, allowed for those slots), list, revoke NAME (its live "
+                              "connections are dropped)", True)
     p.add_argument("action", choices=["init", "create", "list", "revoke"])
     p.add_argument("name", nargs="?", default=None, help="client key name (create, revoke)")
+    p.add_argument("--slots", default=None, metavar="A,B",
+                   help="create: the roster slots this key may serve (required); it can act for no other slot")
     p = add("hook", cmd_hook, "forward a runtime hook event to the slot's sidecar (reads the hook payload on stdin)")
     p.add_argument("event", choices=["prompt-submit", "prompt-queued", "turn-start", "turn-end", "session-start"])
     p.add_argument("--session-id", default=None)

@@ -276,6 +276,15 @@ class Client:
         """
         return await self.slot_op("RESET", slot, timeout_s)
 
+    async def reload_keys(self) -> dict[str, Any]:
+        """Ask the router to read the tcp allow-list again and drop the live connections of keys
+        that may no longer serve their slot. Returns ``{"dropped": [{"slot", "key"}], "keys": int}``.
+
+        Raises:
+            RouterUnavailable: no router answered within ``connect_timeout_s``.
+        """
+        return await self.request(lambda req: P.KeysRequest(req=req), self.connect_timeout_s)
+
     def events(self, kinds: Iterable[str] | None = None, slot: str | None = None) -> EventStream:
         """The router's events (:class:`P.Event`), filtered by topic (``kinds``: ``heartbeat``,
         ``message``, ``task``, ``slot``, ``hook``) and ``slot``. Use as ``async with

@@ -274,6 +274,15 @@ class SlotRequest(_Env):
     timeout_s: Seconds | None = None
 
 
+class KeysRequest(_Env):
+    """Read the tcp allow-list again now and drop the live connections of client keys that may no
+    longer serve their slot (sent by ``fleet keys revoke``). Answer: ``{"dropped": [{"slot",
+    "key"}], "keys": int}``."""
+
+    kind: Literal["KEYS"] = "KEYS"
+    req: Ident
+
+
 class HealthRequest(_Env):
     """Router health. With ``probe`` the router also publishes an event with topic ``probe`` and
     ``data.probe`` = this token, so a subscriber knows its subscription is live."""
@@ -492,7 +501,7 @@ class Event(_Env):
 
 ENVELOPES: tuple[type[_Env], ...] = (
     Hello, Ping, Ack, Bye, Welcome, Pong, Expect, Disconnect,
-    SendRequest, PublishRequest, TaskRequest, PsRequest, SlotRequest, HealthRequest, ShutdownRequest, Result,
+    SendRequest, PublishRequest, TaskRequest, PsRequest, SlotRequest, HealthRequest, ShutdownRequest, KeysRequest, Result,
     HookEvent, Event,
 )
 Envelope = Annotated[Union[ENVELOPES], Field(discriminator="kind")]  # noqa: UP007 (a tuple of types)

@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -30,6 +31,7 @@ from fleetbus.paths import PathError, fleet_paths
 from fleetbus.router import procs
 from fleetbus.router.auth import EVENTS_DOMAIN, LOCAL_DOMAIN, TCP_DOMAIN, PeerAuthenticator, peer_cred, protect
 from fleetbus.router.liveness import Addr, LivenessTable
+from fleetbus.router.remote import Keyring
 
 def integration(fn):
     """Mark a test that runs real routers on a real tmux server (the unit tests here need neither)."""
@@ -132,9 +134,9 @@ def test_authenticator_rules_and_fail_closed(tmp_path, caplog):
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     ctx = zmq.Context()
-    auth = PeerAuthenticator(ctx, [os.getuid()], allowed)
-    replies: list[tuple[bytes, bytes]] = []
-    auth._send_zap_reply = lambda rid, code, text, user_id="": replies.append((code, text))
+    auth = PeerAuthenticator(ctx, [os.getuid()], Keyring(allowed))
+    replies: list[tuple[bytes, bytes, str]] = []
+    auth._send_zap_reply = lambda rid, code, text, user_id="": replies.append((code, text, user_id))
 
     def ask(domain: str, address: str, mechanism: bytes = b"NULL", *cred: bytes) -> bytes:
         anyio.run(auth.handle_zap_message, [b"1.0", b"1", domain.encode(), address.encode(), b"", mechanism, *cred])
@@ -156,6 +158,7 @@ def test_authenticator_rules_and_fail_closed(tmp_path, caplog):
         public, secret = keys._create(allowed, "c")
         key = z85.decode(keys.load_public(public))
         assert ask(TCP_DOMAIN, "127.0.0.1", b"CURVE", key) == b"200"
+        assert replies[-1][2] == "key:c", "the User-Id names the key: the router checks it on every frame"
         public.unlink()  # revoked: the very next handshake is refused
         assert ask(TCP_DOMAIN, "127.0.0.1", b"CURVE", key) == b"400"
         assert ask(TCP_DOMAIN, "127.0.0.1", b"NULL") == b"400"
@@ -274,11 +277,12 @@ def test_peer_of_another_uid_is_refused(make_fleet):
 def test_curve_sidecar_needs_an_allowed_key(make_fleet, tmp_path):
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
-    fe = make_fleet(roster("c1", "{name: a, runtime: stub}",
+    fe = make_fleet(roster("c1", "{name: a, runtime: stub}", "{name: b, runtime: stub}",
                            bus=f"{{heartbeat_ms: 200, liveness: 3, verify_timeout_s: 8, tcp: '{endpoint}'}}"))
-    for name in ("good", "spare"):
-        p = fe.cli("keys", "create", name, "--json")
+    for name, slot in (("good", "a"), ("spare", "b")):
+        p = fe.cli("keys", "create", name, "--slots", slot, "--json")
         assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["slots"] == [slot]
     router_pub_file = json.loads(p.stdout)["router_public_file"]
     # the "remote machine": copies of the sidecar's secret and the router's public key
     remote = tmp_path / "remote"
@@ -304,25 +308,35 @@ def test_curve_sidecar_needs_an_allowed_key(make_fleet, tmp_path):
     res = exchange(endpoint, P.encode(P.HealthRequest(req="r1")), spare)
     assert isinstance(res, P.Result) and (res.ok, res.code) == (False, "forbidden"), res
 
-    # a real sidecar with the allowed key registers over tcp and carries acks
+    # a real sidecar with the allowed key registers over tcp (once the local sidecar it replaces
+    # on this machine has gone: a tcp peer never displaces a live local one) and carries acks
     sc = subprocess.Popen([sys.executable, "-m", "fleetbus", "--roster", str(fe.roster), "sidecar", "a",
                            "--router", endpoint, "--key", str(remote / "good.key_secret"),
                            "--router-key", str(remote / "router.key")],
                           env=fe.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: health(fe)["tcp_sidecars"] == ["a"], timeout=20, what="sidecar registered over tcp")
+        assert health(fe)["tcp_keys"] == {"a": "good"}
         wait_for(lambda: fe.ps()["a"].sidecar_pid == sc.pid and fe.ps()["a"].heartbeat == "healthy", timeout=15,
                  what="tcp sidecar healthy in ps")
         assert "sidecar a registered" in router_log(fe) and "via tcp" in router_log(fe)
         r = fe.send("a", "over curve", verify=True)
         assert (r.result, r.evidence) == ("accepted", "runtime-ack"), r
 
-        # revoked: new connections with that key are refused; the one already made stays
-        p = fe.cli("keys", "revoke", "good")
+        # revoked: the live connection is dropped at once, and new connections are refused
+        p = fe.cli("keys", "revoke", "good", "--json")
         assert p.returncode == 0, p.stderr
+        # dropped by this request, or already by the router itself (the sidecar's next ping after
+        # the allow-list changed, 200 ms here, can come first)
+        assert json.loads(p.stdout)["dropped"] in ([], [{"slot": "a", "key": "good"}])
+        assert health(fe)["tcp_sidecars"] == []
+        assert "dropping every tcp connection: key(s) key:good revoked" in router_log(fe)
         assert exchange(endpoint, hello("a", "c1"), good) is None
         wait_for(lambda: "key of 'good' was revoked" in router_log(fe), what="revoked key named in the log")
-        assert health(fe)["tcp_sidecars"] == ["a"]
+        time.sleep(1.0)  # the sidecar, still running with the revoked key, never registers again
+        assert health(fe)["tcp_sidecars"] == []
+        # the other key's connections come back by themselves: the spare key still works
+        assert isinstance(exchange(endpoint, hello("b", "c1"), spare), P.Disconnect), "b has a live local sidecar"
     finally:
         sc.terminate()
         sc.wait(10)
@@ -356,7 +370,9 @@ def test_keys_cli(make_fleet):
     again = json.loads(fe.cli("keys", "init", "--json").stdout)
     assert not again["created"] and again["public_key"] == init["public_key"], "init never replaces the key"
 
-    p = fe.cli("keys", "create", "laptop")
+    assert fe.cli("keys", "create", "laptop").returncode == 2, "a key serves named slots only"
+    assert fe.cli("keys", "create", "laptop", "--slots", "nope").returncode == 2, "roster slots only"
+    p = fe.cli("keys", "create", "laptop", "--slots", "a")
     assert p.returncode == 0, p.stderr
     secret = fe.paths.keys_dir / "clients" / "laptop.key_secret"
     assert str(secret) in p.stdout and "--router tcp://127.0.0.1:9" in p.stdout
@@ -367,11 +383,11 @@ def test_keys_cli(make_fleet):
     pub, sec = zmq.auth.load_certificate(secret)
     assert sec and zmq.curve_public(sec) == pub, "a real keypair"
 
-    assert fe.cli("keys", "create", "laptop").returncode == 3, "name taken"
-    assert fe.cli("keys", "create", "Bad/Name").returncode == 2
-    assert fe.cli("keys", "create", "router").returncode == 2
+    assert fe.cli("keys", "create", "laptop", "--slots", "a").returncode == 3, "name taken"
+    assert fe.cli("keys", "create", "Bad/Name", "--slots", "a").returncode == 2
+    assert fe.cli("keys", "create", "router", "--slots", "a").returncode == 2
     assert fe.cli("keys", "revoke", "nope").returncode == 3
-    assert fe.cli("keys", "create", "ci").returncode == 0
+    assert fe.cli("keys", "create", "ci", "--slots", "a").returncode == 0
 
     listed = json.loads(fe.cli("keys", "list", "--json").stdout)
     assert listed["router"]["public_key"] == init["public_key"]
@@ -387,7 +403,8 @@ def test_keys_cli(make_fleet):
     assert [(c["name"], c["status"], c["secret_file"]) for c in listed["clients"]] == [
         ("ci", "allowed", str(fe.paths.keys_dir / "clients" / "ci.key_secret")), ("laptop", "revoked", None)]
     assert "laptop  revoked" in fe.cli("keys", "list").stdout
-    assert fe.cli("keys", "create", "laptop").returncode == 3, "a revoked name is not reused"
+    assert [c["slots"] for c in listed["clients"]] == [["a"], ["a"]]
+    assert fe.cli("keys", "create", "laptop", "--slots", "a").returncode == 3, "a revoked name is not reused"
 
     # the sidecar refuses incomplete or unsafe tcp settings (usage error, exit 2)
     p = fe.cli("sidecar", "a", "--router", "tcp://127.0.0.1:9")

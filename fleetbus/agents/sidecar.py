@@ -2,8 +2,9 @@
 
 Loop (Paranoid Pirate style, sidecar speaks first):
 
-1. Connect a DEALER (``linger=0``, ``immediate=1``, routing id ``sc:<slot>``; the router sets
-   ``ROUTER_HANDOVER`` so a restarted sidecar takes over) and send ``HELLO``.
+1. Connect a DEALER (``linger=0``, ``immediate=1``, routing id ``sc:<slot>`` on the local socket,
+   where the router sets ``ROUTER_HANDOVER`` so a restarted sidecar takes over; a remote router's
+   tcp socket assigns the id itself) and send ``HELLO``.
 2. Every ``heartbeat_ms`` send ``PING{state}`` and rewrite ``<state>/run/<slot>.hb``
    atomically (``ts=``, ``pid=``, ``status=``, ``heartbeat_ms=``, ``liveness=``), so
    ``fleet ps`` tells the truth even when the router is down.
@@ -97,7 +98,8 @@ class Sidecar:
 
     def _connect(self) -> None:
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, f"sc:{self.slot.name}".encode())
+        if self.curve is None:  # a remote router picks our routing id: nobody can take it over there
+            self.sock.setsockopt(zmq.ROUTING_ID, f"sc:{self.slot.name}".encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock.setsockopt(zmq.SNDHWM, 100)

@@ -11,8 +11,10 @@ applies:
   ``stream_engine_base.cpp`` ``get_peer_address``). Only the router's own uid is accepted. This
   is a second wall behind the 0700 runtime directory and 0600 socket files.
 - :data:`TCP_DOMAIN` (the ``bus.tcp`` ROUTER socket, CURVE mechanism): the client's public key
-  must be in the allow-list folder (``Authenticator.configure_curve``), which is re-read on every
-  handshake so ``fleet keys revoke`` takes effect for the next connection.
+  must be in the allow-list folder (:class:`fleetbus.router.remote.Keyring`, re-read when the
+  folder changes, so ``fleet keys revoke`` takes effect for the next connection). The reply's
+  User-Id is ``key:NAME``; libzmq attaches it to every frame of that connection, and the router
+  checks it against the slots the key is bound to (:mod:`fleetbus.router.remote`).
 
 Anything else (another mechanism, an unknown domain, an address without credentials) is
 refused: the handler fails closed. Sockets set ``ZAP_ENFORCE_DOMAIN`` so that a missing handler
@@ -22,9 +24,9 @@ Refusals are counted (:attr:`PeerAuthenticator.refused_peers`: distinct peers;
 :attr:`refused_handshakes`: every refused handshake) and logged once per peer (uid and pid, or
 public key), so a peer that reconnects every 100 ms does not flood the log.
 
-pyzmq's base class is used as it is for CURVE; the NULL/uid rule is a small override of
-``handle_zap_message`` because pyzmq's address allow-list matches whole address strings and
-libzmq's ipc address carries the peer's pid.
+pyzmq's base class answers malformed requests; the NULL/uid and CURVE/key rules are a small
+override of ``handle_zap_message``: pyzmq's address allow-list matches whole address strings
+(libzmq's ipc address carries the peer's pid), and its CURVE rule names no key in the User-Id.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from typing import Any
 
 import zmq
 from zmq.auth.asyncio import AsyncioAuthenticator
@@ -76,19 +78,19 @@ class PeerAuthenticator(AsyncioAuthenticator):
     Args:
         context: the router's context (the handler binds ``inproc://zeromq.zap.01`` in it).
         allow_uids: uids accepted on :data:`LOCAL_DOMAIN` (the router's own).
-        allowed_keys: folder of allowed client public certificates (``*.key``) for
-            :data:`TCP_DOMAIN`, or None when there is no tcp endpoint.
+        keyring: the allow-list of client keys for :data:`TCP_DOMAIN`
+            (:class:`fleetbus.router.remote.Keyring`), or None when there is no tcp endpoint.
         key_names: returns ``{z85 public key: name}`` of revoked keys, to name them in the log.
 
     Start with :meth:`start` inside the running event loop, before binding any protected socket;
     :meth:`stop` before terminating the context.
     """
 
-    def __init__(self, context: zmq.Context, allow_uids: Iterable[int], allowed_keys: Path | None = None,
+    def __init__(self, context: zmq.Context, allow_uids: Iterable[int], keyring: Any = None,
                  key_names: Callable[[], dict[bytes, str]] | None = None):
         super().__init__(context, log=logging.getLogger("fleetbus.auth.zap"))
         self.allow_uids = frozenset(allow_uids)
-        self.allowed_keys = allowed_keys
+        self.keyring = keyring
         self.key_names = key_names
         self.refused_handshakes = 0
         self._refused: set[str] = set()
@@ -139,16 +141,14 @@ class PeerAuthenticator(AsyncioAuthenticator):
             else:
                 self._send_zap_reply(request_id, b"200", b"OK", f"uid:{cred[0]}")
             return
-        if domain == TCP_DOMAIN and mechanism == b"CURVE" and self.allowed_keys is not None and len(msg) == 7:
-            # re-read the allow-list for every handshake: a revoked key is refused at once. Drop
-            # the old list first: configure_curve keeps it when the folder cannot be read.
-            self.certs.pop(TCP_DOMAIN, None)
-            self.configure_curve(domain=TCP_DOMAIN, location=str(self.allowed_keys))
+        if domain == TCP_DOMAIN and mechanism == b"CURVE" and self.keyring is not None and len(msg) == 7:
+            # the allow-list as it is now (re-read when its folder changed): a revoked key is refused
             key = msg[6]
-            if not self.certs.get(TCP_DOMAIN, {}).get(z85.encode(key)):
+            binding = self.keyring.binding(z85.encode(key)) if len(key) == 32 else None
+            if binding is None:
                 self._refuse_key(request_id, address, key)
                 return
-            await super().handle_zap_message(msg)
+            self._send_zap_reply(request_id, b"200", b"OK", f"key:{binding.name}")
             return
         self._refuse(request_id, f"peer {address!r} on domain {domain!r}",
                      f"mechanism {mechanism.decode(errors='replace')} is not accepted there", b"NO ACCESS")
@@ -160,7 +160,8 @@ class PeerAuthenticator(AsyncioAuthenticator):
         self._refuse(request_id, f"tcp peer {address} with CURVE key {z.decode()}", why, b"Unknown key")
 
 
-def local_authenticator(context: zmq.Context, allowed_keys: Path | None = None,
+def local_authenticator(context: zmq.Context, keyring: Any = None,
                         key_names: Callable[[], dict[bytes, str]] | None = None) -> PeerAuthenticator:
-    """A :class:`PeerAuthenticator` that accepts this process's own uid on the local sockets."""
-    return PeerAuthenticator(context, [os.getuid()], allowed_keys, key_names)
+    """A :class:`PeerAuthenticator` that accepts this process's own uid on the local sockets and
+    the keys of ``keyring`` (:class:`fleetbus.router.remote.Keyring`) on the tcp socket."""
+    return PeerAuthenticator(context, [os.getuid()], keyring, key_names)

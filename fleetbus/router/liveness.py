@@ -35,6 +35,8 @@ class Peer:
         heartbeat_ms: agreed interval (ms). liveness: intervals of silence before stale.
         last_seen: clock value (s) of the last inbound frame. state: runtime state from hooks.
         stale: True once expired (cleared by the next frame).
+        identity: the ZAP User-Id the peer registered with (``key:NAME`` on the tcp socket,
+        ``uid:N`` or None on the local one); every later frame must carry the same.
     """
 
     slot: str
@@ -48,6 +50,7 @@ class Peer:
     state: str = "unknown"
     session_id: str | None = None
     stale: bool = False
+    identity: str | None = None
 
     @property
     def routing_id(self) -> bytes:
@@ -71,9 +74,11 @@ class LivenessTable:
         self.peers: dict[str, Peer] = {}
         self._by_rid: dict[Hashable, str] = {}
 
-    def register(self, slot: str, addr: Hashable, pid: int, adapter: str, heartbeat_ms: int, liveness: int) -> Peer:
+    def register(self, slot: str, addr: Hashable, pid: int, adapter: str, heartbeat_ms: int, liveness: int,
+                 identity: str | None = None) -> Peer:
         """Add or replace the peer of ``slot`` (a reconnecting sidecar replaces its old entry).
-        ``addr``: where the peer is reached (:class:`Addr` in the router)."""
+        ``addr``: where the peer is reached (:class:`Addr` in the router); ``identity``: its ZAP
+        User-Id."""
         old = self.peers.get(slot)
         if old is not None:
             self._by_rid.pop(old.addr, None)
@@ -81,10 +86,15 @@ class LivenessTable:
         if other is not None and other != slot:
             self.peers.pop(other, None)
         now = self.clock()
-        peer = Peer(slot, addr, pid, adapter, heartbeat_ms, liveness, now, now)
+        peer = Peer(slot, addr, pid, adapter, heartbeat_ms, liveness, now, now, identity=identity)
         self.peers[slot] = peer
         self._by_rid[addr] = slot
         return peer
+
+    def at(self, addr: Hashable) -> Peer | None:
+        """The peer registered at ``addr`` (no heartbeat is recorded), or None."""
+        slot = self._by_rid.get(addr)
+        return None if slot is None else self.peers.get(slot)
 
     def seen(self, addr: Hashable) -> Peer | None:
         """Record an inbound frame from ``addr``; None when the peer is unknown."""

@@ -38,6 +38,7 @@ from fleetbus.router.delivery import Delivery, SlotQueue
 from fleetbus.router.journal import Journal
 from fleetbus.router.liveness import Addr, LivenessTable
 from fleetbus.router.messages import DRAFT_CHECK_S, MessagePath, _Waiter
+from fleetbus.router.remote import Keyring, RemotePeers
 from fleetbus.router.status import Beat, collect_status
 from fleetbus.router.supervisor import Supervisor
 from fleetbus.router.tasks import Dispatcher
@@ -51,7 +52,10 @@ PROMPT_SETTLE_S = 2.0
 EVENTS_HWM = 100_000
 
 #: Request kinds the router answers with ``bad-request`` when their frame does not validate.
-CLIENT_KINDS = ("SEND", "PUBLISH", "TASK", "PS", "START", "STOP", "RESTART", "RESET", "INTERRUPT", "HEALTH", "SHUTDOWN")
+CLIENT_KINDS = ("SEND", "PUBLISH", "TASK", "PS", "START", "STOP", "RESTART", "RESET", "INTERRUPT", "HEALTH", "SHUTDOWN",
+                "KEYS")
+#: Seconds a fresh tcp socket keeps trying to bind the endpoint the dropped one held.
+TCP_REBIND_S = 5.0
 
 
 class RouterAlreadyRunning(RuntimeError):
@@ -156,6 +160,9 @@ class Router(MessagePath):
         self.tcp_sock: zmq.asyncio.Socket | None = None  # bus.tcp: remote sidecars (CURVE)
         self.pub: zmq.asyncio.Socket | None = None
         self.auth: PeerAuthenticator | None = None
+        #: remote peers: CURVE keys bound to slots (fleetbus.router.remote); the folder is set by _bind
+        self.remote = RemotePeers(Keyring(None))
+        self._tcp_scope: anyio.CancelScope | None = None
         self._refused_hellos: set[tuple[str, str]] = set()
         self._lockfd: int | None = None
         #: restart policy, backoff, crash-loop, exit diagnostics, sidecar respawn (a task of serve)
@@ -212,7 +219,9 @@ class Router(MessagePath):
 
         self.ctx = zmq.asyncio.Context()
         tcp = self.fleet.roster.bus.tcp
-        self.auth = local_authenticator(self.ctx, keys.allowed_dir(self.paths) if tcp else None,
+        if tcp:
+            self.remote.keyring.folder = keys.allowed_dir(self.paths)
+        self.auth = local_authenticator(self.ctx, self.remote.keyring if tcp else None,
                                         lambda: keys.revoked_keys(self.paths))
         self.auth.start()  # before any bind: a handshake must never find no handler
         self.sock = self._router_socket()
@@ -228,20 +237,38 @@ class Router(MessagePath):
         finally:
             os.umask(old)
         if tcp:
-            self.tcp_sock = self._router_socket()
             try:
-                public, secret = keys.router_keypair(self.paths)
-                self.tcp_sock.setsockopt(zmq.CURVE_SERVER, 1)
-                self.tcp_sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-                self.tcp_sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-                self.tcp_sock.setsockopt(zmq.IPV6, 1 if tcp.startswith("tcp://[") else 0)
-                protect(self.tcp_sock, TCP_DOMAIN)
-                self.tcp_sock.bind(tcp)
+                self.tcp_sock = self._tcp_socket()
             except (zmq.ZMQError, keys.KeysError) as e:
                 log.error("cannot listen on bus.tcp %s: %s", tcp, e)
                 raise RouterBindError(f"cannot listen on bus.tcp {tcp}: {e}") from None
             log.info("remote sidecars on %s (CURVE; router key %s, allow-list %s)", tcp,
                      keys.router_files(self.paths)[0], keys.allowed_dir(self.paths))
+
+    def _tcp_socket(self) -> zmq.asyncio.Socket:
+        """A bound CURVE ROUTER socket on ``bus.tcp``. No ``ROUTER_HANDOVER`` here: a peer can never
+        take over another connection's routing id (remote sidecars let the router pick theirs).
+
+        Raises:
+            zmq.ZMQError: the endpoint cannot be bound. fleetbus.keys.KeysError: bad router key.
+        """
+        from fleetbus import keys
+
+        tcp = self.fleet.roster.bus.tcp
+        sock = self._router_socket()
+        try:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+            public, secret = keys.router_keypair(self.paths)
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            sock.setsockopt(zmq.IPV6, 1 if tcp.startswith("tcp://[") else 0)
+            protect(sock, TCP_DOMAIN)
+            sock.bind(tcp)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return sock
 
     async def start_fleet(self) -> None:
         """Start the transport, every slot that is missing, and every missing sidecar.
@@ -374,11 +401,56 @@ class Router(MessagePath):
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._read_socket, "ipc", self.sock)
             if self.tcp_sock is not None:
-                tg.start_soon(self._read_socket, "tcp", self.tcp_sock)
+                tg.start_soon(self._serve_tcp)
+
+    async def _serve_tcp(self) -> None:
+        """The tcp socket's reader. :meth:`drop_tcp` cancels it: the socket is closed, which drops
+        every tcp connection, and a fresh one is bound on the same endpoint (remote sidecars
+        reconnect and register again)."""
+        while True:
+            with anyio.CancelScope() as self._tcp_scope:
+                await self._read_socket("tcp", self.tcp_sock)
+            old, self.tcp_sock = self.tcp_sock, None
+            if old is not None:
+                old.close(linger=0)
+            deadline = time.monotonic() + TCP_REBIND_S
+            while self.tcp_sock is None:
+                try:
+                    self.tcp_sock = self._tcp_socket()
+                except zmq.ZMQError as e:  # the old listener may take a moment to let go of the port
+                    if time.monotonic() > deadline:
+                        log.error("cannot listen on bus.tcp again after dropping its connections: %s", e)
+                        return
+                    await anyio.sleep(0.05)
+            log.info("tcp connections dropped; listening again on %s", self.fleet.roster.bus.tcp)
+
+    def drop_tcp(self, why: str) -> None:
+        """Drop every connection of the tcp socket now (see :meth:`_serve_tcp`)."""
+        if self._tcp_scope is not None and not self._tcp_scope.cancel_called:
+            log.warning("dropping every tcp connection: %s", why)
+            self._tcp_scope.cancel()
+
+    def _drop_revoked(self) -> list[dict[str, Any]]:
+        """Remove the tcp peers whose key was revoked or unbound from their slot and drop their
+        connections. Returns ``[{"slot", "key"}]`` of the peers removed."""
+        gone = self.remote.revoked_peers(list(self.table.peers.values()))
+        for peer in gone:
+            self.table.remove(peer.addr)
+            self.publish("heartbeat", peer.slot, state="gone", reason="key revoked")
+        if gone:
+            self.drop_tcp(f"key(s) {', '.join(sorted({str(p.identity) for p in gone}))} revoked")
+        return [{"slot": p.slot, "key": (p.identity or "")[4:]} for p in gone]
 
     async def _read_socket(self, via: str, sock: zmq.asyncio.Socket) -> None:
+        tcp = via == "tcp"
+        identity: str | None = None
         while True:
-            frames = await sock.recv_multipart()
+            if tcp:  # the ZAP User-Id (key:NAME) of the connection each frame came on
+                parts = await sock.recv_multipart(copy=False)
+                identity = parts[-1].get("User-Id")
+                frames = [f.bytes for f in parts]
+            else:
+                frames = await sock.recv_multipart()
             if len(frames) != 2:
                 self.dropped_frames += 1
                 log.warning("dropped frame with %d parts (%s)", len(frames), via)
@@ -395,7 +467,7 @@ class Router(MessagePath):
                                                                    error=str(e)))
                 continue
             try:
-                self._dispatch(addr, msg)
+                self._dispatch(addr, msg, identity)
             except Exception:  # a handler bug must never take the reader down
                 self.dropped_frames += 1
                 log.exception("handler failed for %s", type(msg).__name__)
@@ -403,18 +475,26 @@ class Router(MessagePath):
     #: Frames a peer of the tcp socket may send: remote peers are sidecars, never clients.
     SIDECAR_FRAMES = (P.Hello, P.Ping, P.Ack, P.Bye, P.HookEvent)
 
-    def _dispatch(self, addr: Addr, msg: Any) -> None:
-        """Handle one decoded frame from ``addr`` (socket + routing id)."""
+    def _dispatch(self, addr: Addr, msg: Any, identity: str | None = None) -> None:
+        """Handle one decoded frame from ``addr`` (socket + routing id); ``identity``: the ZAP
+        User-Id of a tcp frame (``key:NAME``)."""
         tg = self._tg
-        if addr.via != "ipc" and not isinstance(msg, self.SIDECAR_FRAMES):
-            self.dropped_frames += 1
-            log.warning("refused %s frame from %s: only sidecar frames are accepted over tcp", msg.kind, addr)
-            if isinstance(getattr(msg, "req", None), str):
-                tg.start_soon(self._send, addr, P.Result(req=msg.req, ok=False, code="forbidden",
-                                                        error="client requests are accepted on the local socket only"))
-            return
+        if addr.via != "ipc":
+            if not isinstance(msg, self.SIDECAR_FRAMES):
+                self.dropped_frames += 1
+                log.warning("refused %s frame from %s: only sidecar frames are accepted over tcp", msg.kind, addr)
+                if isinstance(getattr(msg, "req", None), str):
+                    tg.start_soon(self._send, addr, P.Result(req=msg.req, ok=False, code="forbidden",
+                                                            error="client requests are accepted on the local socket only"))
+                return
+            why = None if isinstance(msg, P.Hello) else self.remote.frame_refusal(identity, self.table.at(addr))
+            if why is not None:  # another key's frame, or its key was revoked: the peer is gone
+                self.dropped_frames += 1
+                if self._drop_revoked() == []:
+                    tg.start_soon(self._send, addr, P.Disconnect(reason=why))
+                return
         if isinstance(msg, P.Hello):
-            tg.start_soon(self._on_hello, addr, msg)
+            tg.start_soon(self._on_hello, addr, msg, identity)
         elif isinstance(msg, (P.Ping, P.Ack, P.Bye, P.HookEvent)):
             peer = self.table.seen(addr)
             if peer is None:
@@ -449,6 +529,8 @@ class Router(MessagePath):
             tg.start_soon(self._answer, addr, msg.req, self.handle_health(msg.probe))
         elif isinstance(msg, P.ShutdownRequest):
             tg.start_soon(self._answer, addr, msg.req, self.handle_shutdown(msg))
+        elif isinstance(msg, P.KeysRequest):
+            tg.start_soon(self._answer, addr, msg.req, self.handle_keys())
         else:
             self.dropped_frames += 1
             log.warning("unexpected %s frame from %s", msg.kind, addr)
@@ -464,7 +546,7 @@ class Router(MessagePath):
             result = P.Result(req=req, ok=False, code="internal", error=f"{type(e).__name__}: {e}")
         await self._send(addr, result)
 
-    async def _on_hello(self, addr: Addr, msg: P.Hello) -> None:
+    async def _on_hello(self, addr: Addr, msg: P.Hello, identity: str | None = None) -> None:
         slot = self.fleet.slots.get(msg.slot)
         if slot is None or msg.tenant != self.fleet.tenant:
             if (msg.tenant, msg.slot) not in self._refused_hellos and len(self._refused_hellos) < 1000:
@@ -473,7 +555,12 @@ class Router(MessagePath):
                             "(tenant %r)", addr, msg.pid, msg.host, msg.slot, msg.tenant, self.fleet.tenant)
             await self._send(addr, P.Disconnect(reason=f"slot {msg.slot!r} of tenant {msg.tenant!r} is not in this roster"))
             return
-        self.table.register(msg.slot, addr, msg.pid, msg.adapter, slot.heartbeat_ms, slot.liveness)
+        if addr.via == "tcp":
+            why = self.remote.hello_refusal(identity, msg.slot, self.table.peers.get(msg.slot))
+            if why is not None:
+                await self._send(addr, P.Disconnect(reason=why))
+                return
+        self.table.register(msg.slot, addr, msg.pid, msg.adapter, slot.heartbeat_ms, slot.liveness, identity)
         self.publish("heartbeat", msg.slot, state="registered", pid=msg.pid)
         self.tasks.wake()
         log.info("sidecar %s registered (pid %d, host %s, via %s)", msg.slot, msg.pid, msg.host, addr.via)
@@ -496,6 +583,8 @@ class Router(MessagePath):
             for peer in self.table.sweep():
                 log.warning("sidecar %s is stale", peer.slot)
                 self.publish("heartbeat", peer.slot, state="stale")
+            if self.tcp_sock is not None:
+                self._drop_revoked()  # a key revoked while its sidecar is silent
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -504,6 +593,13 @@ class Router(MessagePath):
 
     async def handle_task(self, msg: P.TaskRequest) -> list[dict[str, Any]]:
         return [r.model_dump() for r in await self.tasks.query(msg)]
+
+    async def handle_keys(self) -> dict[str, Any]:
+        """KEYS: read the allow-list again now and drop the live connections of keys that may no
+        longer serve their slot (``fleet keys revoke`` asks this). Returns ``{"dropped": [{"slot",
+        "key"}], "keys": number of allowed keys}``."""
+        self.remote.keyring.refresh()
+        return {"dropped": self._drop_revoked(), "keys": len(self.remote.keyring.by_key)}
 
     async def handle_health(self, probe: str | None = None) -> dict[str, Any]:
         if probe is not None:
@@ -519,6 +615,8 @@ class Router(MessagePath):
             "refused_handshakes": self.auth.refused_handshakes if self.auth else 0,
             "tcp": self.fleet.roster.bus.tcp,
             "tcp_sidecars": sorted(p.slot for p in self.table.peers.values() if p.via == "tcp"),
+            "tcp_keys": {p.slot: (p.identity or "")[4:] for p in self.table.peers.values() if p.via == "tcp"},
+            "refused_remote": self.remote.refused,
             "events_endpoint": self.paths.events_endpoint, "verify_timeout_s": bus.verify_timeout_s,
             "task_wait_s": bus.task_wait_s, "task_timeout_s": bus.task_timeout_s,
             "tasks": {"open": len(self.tasks.tasks), "waiting": len(self.tasks.pending)},
