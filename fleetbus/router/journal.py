@@ -149,10 +149,11 @@ def mount_point(path: Path) -> str:
     return p
 
 
-def free_bytes(path: Path) -> int | None:
-    """Bytes an unprivileged writer may still use on the file system of ``path`` (None: unknown)."""
+def free_bytes(path: Path | str) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system of ``path`` (or of its
+    nearest existing parent; None: unknown)."""
     try:
-        st = os.statvfs(mount_point(path))
+        st = os.statvfs(mount_point(path) if not os.path.exists(path) else path)
     except OSError:
         return None
     return st.f_bavail * st.f_frsize
@@ -252,6 +253,7 @@ class Journal:
         self.deferred_writes = 0  # writes deferred (this outage)
         self.lost_writes = 0  # deferred writes dropped beyond MAX_DEFERRED (since the journal was opened)
         self.outages = 0
+        self._fs: str | None = None  # mount point of its file system (looked up once)
         try:
             if readonly:
                 if not self.path.exists():
@@ -287,10 +289,17 @@ class Journal:
         the first failure, or None), "error" (SQLite's message, or None), "deferred" (writes kept in
         memory), "refused" (writes refused during this outage), "lost_writes", "outages"}``."""
         f = self.failure or {}
-        return {"ok": self.failure is None, "path": str(self.path), "fs": f.get("fs") or mount_point(self.path),
-                "free_bytes": free_bytes(self.path), "since": f.get("since"), "error": f.get("error"),
+        return {"ok": self.failure is None, "path": str(self.path), "fs": f.get("fs") or self.fs,
+                "free_bytes": free_bytes(self.fs), "since": f.get("since"), "error": f.get("error"),
                 "deferred": len(self._deferred), "refused": self.refused_writes, "lost_writes": self.lost_writes,
                 "outages": self.outages}
+
+    @property
+    def fs(self) -> str:
+        """The mount point of the file system that holds the journal."""
+        if self._fs is None:
+            self._fs = mount_point(self.path)
+        return self._fs
 
     def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         """One transaction. Whatever fails (a statement, or COMMIT itself: a full disk shows up
@@ -343,19 +352,19 @@ class Journal:
 
     def _failed(self, e: sqlite3.Error) -> JournalUnavailable:
         if self.failure is None:
-            fs = mount_point(self.path)
+            fs = self.fs
             self.failure = {"since": time.time(), "error": str(e), "fs": fs}
             self.outages += 1
             self.refused_writes = self.deferred_writes = 0
             log.error("journal %s cannot be written: %s (file system %s, %s free); new SENDs and PUBLISHes are "
                       "refused (journal-unavailable) and other writes are kept in memory until it can be written",
-                      self.path, e, fs, human_bytes(free_bytes(self.path)))
+                      self.path, e, fs, human_bytes(free_bytes(fs)))
         f = self.failure
         return JournalUnavailable(f"the journal {self.path} cannot be written: {f['error']} (file system {f['fs']})",
                                   f["error"], f["fs"])
 
     def _resumed_change(self) -> tuple[str, tuple[Any, ...]]:
-        f = self.failure or {"since": time.time(), "error": "", "fs": mount_point(self.path)}
+        f = self.failure or {"since": time.time(), "error": "", "fs": self.fs}
         return self._change("", "journal", None, "resumed",
                             {"since": f["since"], "error": f["error"], "fs": f["fs"],
                              "deferred": len(self._deferred), "refused": self.refused_writes,

@@ -215,7 +215,8 @@ class MessagePath(Evidence, JournalGuard):
     async def _slot_worker(self, name: str, q: SlotQueue) -> None:
         """Type the messages of slot ``name`` one at a time, oldest first. A message whose slot is
         not available is rejected (``when=now``) or waits, polled every AVAILABLE_POLL_S, until
-        the slot can take it or its TTL ends (``dead-letter``)."""
+        the slot can take it or its TTL ends (``dead-letter``). While the journal cannot be
+        written nothing is typed, rejected or expired: the queue waits."""
         swept = 0.0
         while True:
             await q.wait()
