@@ -194,7 +194,7 @@ MIN_FREE_BYTES = 1024 * 1024
 def _journal(paths: FleetPaths, health: dict | None) -> Check:
     """``journal``: the router's own view when it answers (``Journal.health``), else the free
     space on the journal's file system."""
-    from fleetbus.router.journal import free_bytes, human_bytes, mount_point
+    from fleetbus.fsinfo import free_bytes, human_bytes, mount_point
 
     j = (health or {}).get("journal")
     if j is not None:

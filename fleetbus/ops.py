@@ -192,7 +192,7 @@ def journal_line(journal: dict) -> str:
     """The ``fleet ps`` lines for a journal that cannot be written (``SlotStatus.journal``), with the fix."""
     import datetime
 
-    from fleetbus.router.journal import human_bytes
+    from fleetbus.fsinfo import human_bytes
 
     since = datetime.datetime.fromtimestamp(journal["since"]).strftime("%H:%M:%S") if journal.get("since") else "?"
     kept = f"; {journal['deferred']} change(s) kept in memory until it can" if journal.get("deferred") else ""

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -52,6 +51,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fleetbus.fsinfo import free_bytes, human_bytes, mount_point
 
 #: States of a message that the router still has to finish.
 OPEN_STATES = ("queued", "typing", "injected", "runtime-queued")
@@ -137,38 +138,6 @@ def _unwritable(e: sqlite3.DatabaseError) -> bool:
     """``e`` means the file cannot be written now (full, I/O error, read-only, locked, corrupt),
     not a constraint violation or a bug in a statement."""
     return type(e) in (sqlite3.OperationalError, sqlite3.DatabaseError)
-
-
-def mount_point(path: Path) -> str:
-    """The mount point of the file system holding ``path`` (or its nearest existing parent)."""
-    p = os.path.realpath(path)
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    while not os.path.ismount(p):
-        p = os.path.dirname(p)
-    return p
-
-
-def free_bytes(path: Path | str) -> int | None:
-    """Bytes an unprivileged writer may still use on the file system of ``path`` (or of its
-    nearest existing parent; None: unknown)."""
-    try:
-        st = os.statvfs(mount_point(path) if not os.path.exists(path) else path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def human_bytes(n: int | None) -> str:
-    """``n`` bytes as ``512 B``, ``1.5 MiB``... (``?`` for None)."""
-    if n is None:
-        return "?"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 @dataclass
