@@ -11,10 +11,13 @@ Exit codes (stable):
       ``--timeout``); another command could not finish its work
 2     usage or configuration error (bad arguments, invalid roster, unreadable input)
 3     rejected: unknown slot, slot not running or dead, invalid message, busy input line,
-      not at its prompt, ``reset`` during a turn, idempotency key reused for another message;
+      not at its prompt, ``reset`` during a turn, idempotency key reused for another message,
+      the journal cannot be written (``journal-unavailable``: a full disk; nothing was journaled
+      or typed; ``fleet ps`` and ``fleet doctor`` say so; send again once it is fixed);
       ``send``: ``dead-letter`` (its TTL ended before the slot was available); ``publish``: a task
       ``failed`` (``no-match``: the selector names no slot; ``slot-died``; ``delivery``), or an
-      invalid body (nothing was created); a bad selector is a usage error (2)
+      invalid body, or ``journal-unavailable`` (nothing was created); a bad selector is a usage
+      error (2)
 4     the router is not running or does not answer
 ====  =====================================================================================
 
@@ -456,6 +459,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         detail = f": {r.detail}" if r.detail else ""
         held = f" (held by {r.held_by})" if r.held_by else ""
         dup = " [duplicate: not typed again]" if r.duplicate else ""
+        if not r.journaled and r.result != "rejected":
+            dup += " [not journaled yet: kept in the router's memory until the journal can be written]"
         print(f"{r.slot}: {r.result}{ev}{held}{code}{dup} in {r.latency_ms:.1f} ms{detail}"
               + (f"  id={r.id}" if r.id else ""))
     return {"accepted": EXIT_OK, "queued": EXIT_OK, "injected": EXIT_OK, "rejected": EXIT_REJECTED,
@@ -511,7 +516,7 @@ def cmd_log(args: argparse.Namespace) -> int:
         return "  ".join(parts)
 
     table = [[datetime.datetime.fromtimestamp(r["at"]).strftime("%H:%M:%S.%f")[:-3], r["slot"] or "-",
-              r["id"] or "(slot)", r["state"], what(r)[:160]] for r in rows]
+              r["id"] or f"({r['kind']})", r["state"], what(r)[:160]] for r in rows]
     print(tabulate(table, headers=["TIME", "SLOT", "ID", "STATE", "DETAIL"], tablefmt="plain"))
     return EXIT_OK
 

@@ -4,8 +4,8 @@ Every check is a :class:`Check` with a status:
 
 - ``fail``: a broken invariant (the ``_holder`` session gone while the server runs, a target that
   is not exact, a restart that disturbs another slot, a slot's program or workdir missing, a
-  running hooked slot without its hook wiring, a router that does not answer). ``fleet doctor``
-  then exits 1.
+  running hooked slot without its hook wiring, a router that does not answer, a journal that
+  cannot be written). ``fleet doctor`` then exits 1.
 - ``warn``: works, but something an operator should fix (units not enabled, linger off, stale
   units, a stale socket file, no router).
 - ``ok`` and ``skip`` (not applicable here, e.g. no systemd).
@@ -169,20 +169,48 @@ async def _scratch() -> list[Check]:
             await t.shutdown()
 
 
-def _router(fleet: FleetConfig, paths: FleetPaths) -> Check:
+def _router(fleet: FleetConfig, paths: FleetPaths) -> tuple[Check, dict | None]:
+    """The ``router`` check, and the router's HEALTH answer (None when it does not answer)."""
     from fleetbus.client import RouterUnavailable, SyncClient
 
     pid = procs.router_pid(paths)
     if pid is None:
-        return Check("router", "warn", "not running: nothing supervises the slots or delivers messages", "fleet up")
+        return Check("router", "warn", "not running: nothing supervises the slots or delivers messages", "fleet up"), None
     unit = systemd.unit_names(paths)[1]
     by = f"systemd ({unit})" if unit in (_cgroup(pid) or "") else "fleetbus (started by `fleet up` or by hand)"
     try:
         h = SyncClient(fleet, paths, connect_timeout_s=3.0).health()
     except RouterUnavailable as e:
         return Check("router", "fail", f"pid {pid} runs but does not answer: {e}",
-                     f"see {paths.router_log}; then restart it: kill {pid} && fleet up (slots keep running)")
-    return Check("router", "ok", f"pid {pid}, up {h.get('uptime_s', 0):.0f} s, supervised by {by}")
+                     f"see {paths.router_log}; then restart it: kill {pid} && fleet up (slots keep running)"), None
+    return Check("router", "ok", f"pid {pid}, up {h.get('uptime_s', 0):.0f} s, supervised by {by}"), h
+
+
+#: Free bytes under which ``journal`` fails while the router is down (a SEND journals ~1 KiB
+#: plus its body; SQLite's WAL grows in 4 KiB pages).
+MIN_FREE_BYTES = 1024 * 1024
+
+
+def _journal(paths: FleetPaths, health: dict | None) -> Check:
+    """``journal``: the router's own view when it answers (``Journal.health``), else the free
+    space on the journal's file system."""
+    from fleetbus.fsinfo import free_bytes, human_bytes, mount_point
+
+    j = (health or {}).get("journal")
+    if j is not None:
+        fs, free = j.get("fs"), human_bytes(j.get("free_bytes"))
+        if not j.get("ok", True):
+            kept = f"; {j['deferred']} change(s) kept in memory until it can" if j.get("deferred") else ""
+            return Check("journal", "fail", f"{j.get('path')} cannot be written: {j.get('error')} (file system {fs}, "
+                         f"{free} free); new sends and publishes are refused (journal-unavailable){kept}",
+                         f"free disk space on {fs} (the router resumes by itself within a second)")
+        return Check("journal", "ok", f"{j.get('path')} is written by the router; {free} free on {fs}")
+    fs, free = mount_point(paths.journal), free_bytes(paths.journal)
+    if free is not None and free < MIN_FREE_BYTES:
+        return Check("journal", "fail", f"{human_bytes(free)} free on {fs}, which holds {paths.journal}: the router "
+                     "could not journal messages (sends would be refused journal-unavailable)",
+                     f"free disk space on {fs}")
+    return Check("journal", "ok", f"{paths.journal}: {human_bytes(free)} free on {fs} (the router is not running)")
 
 
 def _slot(fleet: FleetConfig, paths: FleetPaths, name: str, alive: bool) -> Check:
@@ -258,7 +286,7 @@ def _systemd(fleet: FleetConfig, paths: FleetPaths, boot: systemd.BootState, run
 
 def run_checks(fleet: FleetConfig, paths: FleetPaths, runner: systemd.Runner = systemd.run) -> list[Check]:
     """Every check, in a fixed order: tmux, tmux-server, holder, exact-targets,
-    restart-isolation, router, one ``slot <name>`` per slot, systemd, linger."""
+    restart-isolation, router, journal, one ``slot <name>`` per slot, systemd, linger."""
     checks = [check_tmux()]
     boot = systemd.boot_state(fleet, paths)
     if checks[0].status == "fail":
@@ -272,7 +300,8 @@ def run_checks(fleet: FleetConfig, paths: FleetPaths, runner: systemd.Runner = s
 
         server, scratch, panes = anyio.run(both, backend="asyncio")
         checks += server + scratch
-    checks.append(_router(fleet, paths))
+    router, health = _router(fleet, paths)
+    checks += [router, _journal(paths, health)]
     for name in fleet.slots:
         checks.append(_slot(fleet, paths, name, bool(panes.get(name) and panes[name].alive)))
     checks += _systemd(fleet, paths, boot, runner)

@@ -188,9 +188,24 @@ def down(fleet: FleetConfig, paths: FleetPaths, timeout_s: float = 15.0,
     return {"via": "systemd" if via_systemd else "local", "router_pid": pid}
 
 
+def journal_line(journal: dict) -> str:
+    """The ``fleet ps`` lines for a journal that cannot be written (``SlotStatus.journal``), with the fix."""
+    import datetime
+
+    from fleetbus.fsinfo import human_bytes
+
+    since = datetime.datetime.fromtimestamp(journal["since"]).strftime("%H:%M:%S") if journal.get("since") else "?"
+    kept = f"; {journal['deferred']} change(s) kept in memory until it can" if journal.get("deferred") else ""
+    return (f"JOURNAL UNAVAILABLE since {since}: {journal.get('error')} (file system {journal.get('fs')}, "
+            f"{human_bytes(journal.get('free_bytes'))} free): new sends and publishes are refused "
+            f"(journal-unavailable) and nothing is typed{kept}.\n"
+            f"  fix: free disk space on {journal.get('fs')} (the router resumes by itself within a second)")
+
+
 def render_ps(rows: list[SlotStatus], boot: list[str] | None = None) -> str:
     """Plain-text table of ``fleet ps`` rows (tabulate); ``boot``: :func:`boot_problems`, shown
-    under the table with the fix when not empty."""
+    under the table with the fix when not empty; a journal that cannot be written
+    (``SlotStatus.journal``) likewise."""
     from tabulate import tabulate
 
     def fmt_s(v: float | None) -> str:
@@ -205,6 +220,9 @@ def render_ps(rows: list[SlotStatus], boot: list[str] | None = None) -> str:
     head = ["SLOT", "RUNTIME", "CLASS", "PANE", "PID", "CMD", "IDLE", "HEARTBEAT", "STATE", "TASK", "FLAGS"]
     title = f"tenant {rows[0].tenant_id} @ {rows[0].host} (heartbeats from {rows[0].source})\n" if rows else "no slots\n"
     text = title + tabulate(table, headers=head, tablefmt="plain")
+    journal = rows[0].journal if rows else None
+    if journal is not None and not journal.get("ok", True):
+        text += "\n" + journal_line(journal)
     if boot:
         text += ("\nBOOT-ENABLE: this fleet would not come back after a reboot: " + "; ".join(boot)
                  + ".\n  fix: fleet install-systemd (enables the units and linger; `fleet doctor` explains)")

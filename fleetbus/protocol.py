@@ -331,7 +331,9 @@ class SendResult(BaseModel):
             ``rejected`` (nothing was typed; ``code`` says why).
         evidence: ``runtime-ack`` or ``pane-diff`` when accepted.
         code: stable reason code when rejected: ``unknown-slot``, ``slot-down``, ``slot-dead``,
-            ``invalid-body``, ``busy-input``, ``no-prompt``.
+            ``invalid-body``, ``busy-input``, ``no-prompt``, ``journal-unavailable`` (the journal
+            cannot be written, e.g. a full disk: nothing was journaled or typed; with ``queued``:
+            journaled before, and not typed until the journal can be written again).
         latency_ms: ms from the router receiving the SEND to the result.
         submit_retries: extra submit keys sent after a detected draft (never re-typed text).
         session_id: the runtime session that acknowledged it (from the hook payload).
@@ -341,6 +343,11 @@ class SendResult(BaseModel):
             and nothing was typed for it (the result is the first message's).
         expires_at: Unix time (s) at which a message held for ``when=available`` goes to
             ``dead-letter``.
+        journaled: False when this result is not in the journal: a SEND refused because the
+            journal cannot be written (nothing was typed), or a final result the journal could
+            not record when it was reached (the router keeps it in memory and writes it as
+            soon as it can; a router stopped before then recovers the message from its last
+            journaled state and never types it twice).
     """
 
     tenant_id: str
@@ -359,6 +366,7 @@ class SendResult(BaseModel):
     idempotency_key: str | None = None
     duplicate: bool = False
     expires_at: float | None = None
+    journaled: bool = True
 
 
 class SlotStatus(BaseModel):
@@ -384,6 +392,11 @@ class SlotStatus(BaseModel):
             "last_lines": [the last non-blank lines of its screen], "reason": str}``, or None.
         task: the id of the task the slot holds (``fleet publish``), or None; None too when
             the router is down (``source`` ``files``).
+        journal: the router's journal (the same on every row):
+            :meth:`fleetbus.router.journal.Journal.health`, ``{"ok": bool, "fs", "free_bytes",
+            "since", "error", "deferred", ...}``; ``ok`` false while it cannot be written (new
+            SENDs and PUBLISHes are refused ``journal-unavailable``). None when the router is
+            down (``source`` ``files``).
     """
 
     model_config = ConfigDict(populate_by_name=True)
@@ -409,6 +422,7 @@ class SlotStatus(BaseModel):
     restarts: int = 0
     last_exit: dict[str, Any] | None = None
     task: str | None = None
+    journal: dict[str, Any] | None = None
 
 
 class TaskResult(BaseModel):
@@ -431,6 +445,8 @@ class TaskResult(BaseModel):
         created, assigned_at, accepted_at, finished_at: Unix s.
         accepted_ms, done_ms: ms from publish to ``accepted`` and to the final state.
         duplicate: this PUBLISH repeated an idempotency key; nothing new was created.
+        journaled: False when the journal could not be written when the task reached this
+            state: the router keeps the change in memory and writes it when it can.
     """
 
     tenant_id: str
@@ -452,6 +468,7 @@ class TaskResult(BaseModel):
     done_ms: float | None = None
     idempotency_key: str | None = None
     duplicate: bool = False
+    journaled: bool = True
 
 
 # --- runtime hook -> sidecar -------------------------------------------------------------------

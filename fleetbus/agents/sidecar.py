@@ -24,6 +24,10 @@ Loop (Paranoid Pirate style, sidecar speaks first):
    so a sidecar restarted right after a router restart replays its predecessor's.
 
 Heartbeats come from the same event loop that handles hooks, so a wedged sidecar stops beating.
+A file that cannot be written (a full disk, a read-only file system: the heartbeat file, the ack
+log, the hook spool it replays) never stops the sidecar: the failure is logged once per streak
+(:class:`FileFaults`) and the beat goes on; the router's view (PINGs) stays right, and ``fleet
+ps`` uses it while the router runs.
 """
 
 from __future__ import annotations
@@ -60,6 +64,27 @@ ACK_REPLAY_MAX = 5000
 MAX_STREAM_LINE = 4 * 1024 * 1024
 
 
+class FileFaults:
+    """Failing file writes of one process, logged once per failure streak of each file kind
+    (``heartbeat``, ``ack-log``, ``spool``): the first failure and the first success after it."""
+
+    def __init__(self) -> None:
+        self.failing: dict[str, tuple[float, int]] = {}  # kind -> (first failure, Unix s; failures)
+
+    def failed(self, kind: str, path: object, err: OSError) -> None:
+        if kind in self.failing:
+            since, n = self.failing[kind]
+            self.failing[kind] = (since, n + 1)
+            return
+        self.failing[kind] = (time.time(), 1)
+        log.warning("cannot write the %s %s: %s; carrying on (logged once until it works again)", kind, path, err)
+
+    def ok(self, kind: str) -> None:
+        if kind in self.failing:
+            since, n = self.failing.pop(kind)
+            log.info("the %s can be written again (%d write(s) failed over %.1f s)", kind, n, time.time() - since)
+
+
 class Sidecar:
     """Sidecar of ``slot`` in ``fleet``.
 
@@ -87,6 +112,7 @@ class Sidecar:
         self.side_events = 0
         self.pending_acks: list[P.Ack] = []
         self.recent_acks: deque[tuple[float, P.Ack]] = deque(maxlen=ACK_REPLAY_MAX)  # (unix s, ack)
+        self.faults = FileFaults()
         self._load_ack_log()
         self.expected: dict[str, float] = {}
         self.ctx = zmq.asyncio.Context()
@@ -159,17 +185,22 @@ class Sidecar:
         try:
             tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
             os.replace(tmp, path)
-        except OSError:
-            pass
+        except OSError as e:
+            _unlink_quietly(tmp)
+            self.faults.failed("ack log", path, e)
 
     def _log_ack(self, ack: P.Ack) -> None:
+        """Append ``ack`` to the ack log (kept in memory for replay either way)."""
         now = time.time()
         self.recent_acks.append((now, ack))
+        path = self.paths.ack_log(self.slot.name)
         try:
-            with open(self.paths.ack_log(self.slot.name), "a", encoding="utf-8") as f:
+            with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"t": now, "id": ack.id, "s": ack.session_id}) + "\n")
-        except OSError:
-            pass
+        except OSError as e:
+            self.faults.failed("ack log", path, e)
+        else:
+            self.faults.ok("ack log")
 
     def _replay_acks(self) -> None:
         """After (re)registering, send again the accepted acks of the last ACK_REPLAY_WINDOW_S s:
@@ -187,13 +218,22 @@ class Sidecar:
         except (OSError, IndexError):
             return False
 
-    def write_heartbeat(self) -> None:
+    def write_heartbeat(self) -> bool:
+        """Rewrite the heartbeat file atomically. False when it cannot be written (a full disk):
+        logged once per streak, the partial temporary file removed; the sidecar carries on."""
         path = self.paths.heartbeat_file(self.slot.name)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f"ts={time.time():.3f}\npid={os.getpid()}\nstatus={self.state}\n"
-                       f"heartbeat_ms={self.heartbeat_ms}\nliveness={self.liveness}\n"
-                       f"connected={int(self.welcomed)}\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(f"ts={time.time():.3f}\npid={os.getpid()}\nstatus={self.state}\n"
+                           f"heartbeat_ms={self.heartbeat_ms}\nliveness={self.liveness}\n"
+                           f"connected={int(self.welcomed)}\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            _unlink_quietly(tmp)
+            self.faults.failed("heartbeat file", path, e)
+            return False
+        self.faults.ok("heartbeat file")
+        return True
 
     def _on_frame(self, raw: bytes) -> None:
         try:
@@ -252,7 +292,7 @@ class Sidecar:
                             self._exit.set()
                             return
                         self.write_heartbeat()
-                        self.replay_spool()  # a hook that raced the socket's bind
+                        self._replay_spool_safely()  # a hook that raced the socket's bind
                         next_beat = now + self.heartbeat_ms / 1000
                     silent = now - self.last_recv
                     if silent > self.heartbeat_ms * self.liveness / 1000:
@@ -298,6 +338,14 @@ class Sidecar:
         if n:
             log.info("replayed %d hook event(s) from the spool", n)
         return n
+
+    def _replay_spool_safely(self) -> None:
+        try:
+            self.replay_spool()
+        except OSError as e:
+            self.faults.failed("spool", spool_path(str(self.paths.hook_socket(self.slot.name))), e)
+        else:
+            self.faults.ok("spool")
 
     def _ack(self, ev: P.HookEvent) -> None:
         stage = "accepted" if ev.event == "prompt-submit" else "queued"
@@ -349,7 +397,7 @@ class Sidecar:
         finally:
             os.umask(old)
         async with sock:
-            self.replay_spool()  # after binding: a hook that still failed wrote before this
+            self._replay_spool_safely()  # after binding: a hook that still failed wrote before this
             while True:
                 data, _ = await sock.receive()
                 try:
@@ -436,3 +484,10 @@ class Sidecar:
                 # a sidecar that was stopped leaves no heartbeat; one that was killed leaves a stale one
                 self.paths.heartbeat_file(self.slot.name).unlink(missing_ok=True)
                 self.paths.sidecar_pidfile(self.slot.name).unlink(missing_ok=True)
+
+
+def _unlink_quietly(path: object) -> None:
+    try:
+        os.unlink(path)  # type: ignore[arg-type]
+    except OSError:
+        pass

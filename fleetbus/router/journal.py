@@ -16,9 +16,10 @@ Tables:
   ``allow_busy``, ``kickstart``), ``state``, ``slot``, ``message_id``, ``created``, ``updated``,
   ``deadline`` (Unix s: the end of its wait for a slot), ``result`` (JSON of the :class:`TaskResult`).
 - ``changes``: an append-only history. ``kind`` is ``message`` (``ref`` = message id, ``state`` =
-  its new state), ``task`` (``ref`` = task id) or ``slot`` (``state`` = the slot event: ``started``, ``exited``, ``restarting``,
-  ``crash-loop``, ``stopped``...), with a JSON ``data`` object (evidence, code, detail, exit
-  status...).
+  its new state), ``task`` (``ref`` = task id), ``slot`` (``state`` = the slot event: ``started``, ``exited``, ``restarting``,
+  ``crash-loop``, ``stopped``...) or ``journal`` (``state`` ``resumed``, slot ``""``: the journal
+  could not be written from ``data.since`` until this change), with a JSON ``data`` object
+  (evidence, code, detail, exit status...).
 
 Message states: ``queued`` (held by fleetbus: waiting for its turn or for the slot), ``typing``
 (written just before the router types it: a router that dies now finds out on restart whether
@@ -26,17 +27,32 @@ the text reached the pane), ``injected`` (typed and submitted), ``runtime-queued
 TUI holds it), and the final ``accepted``, ``draft``, ``unconfirmed``, ``rejected`` and
 ``dead-letter`` (its TTL ran out before the slot was available). A late ack can still turn
 ``draft``/``unconfirmed`` into ``accepted``.
+
+When the journal cannot be written (disk full, I/O error, read-only file system, locked beyond
+the 5 s busy timeout), the failed transaction is rolled back and the journal is *unavailable*
+(:attr:`Journal.writable` False, :meth:`Journal.health`) until a write succeeds again. Writes
+that create something (:meth:`Journal.add_message`, :meth:`Journal.add_tasks`) and the
+write-ahead ``typing`` state raise :class:`JournalUnavailable` then: the router refuses the
+SEND/PUBLISH (code ``journal-unavailable``) or does not type. Every other write may be
+*deferred* (``defer=True``): it is kept in memory, in order (at most :data:`MAX_DEFERRED`), and
+written before anything else once the journal can be written again, together with a
+``journal`` change (state ``resumed``) that records the outage. A router that stops before then
+loses the deferred writes; its successor recovers those messages from their last journaled state.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fleetbus.fsinfo import free_bytes, human_bytes, mount_point
 
 #: States of a message that the router still has to finish.
 OPEN_STATES = ("queued", "typing", "injected", "runtime-queued")
@@ -90,10 +106,38 @@ CREATE INDEX IF NOT EXISTS tasks_grp ON tasks(grp);
 """
 #: Task states the router still has to finish.
 TASK_OPEN_STATES = ("published", "assigned", "accepted")
+#: Most deferred writes kept in memory while the journal cannot be written; beyond it a write is
+#: dropped (counted in ``health()["lost_writes"]``; the record keeps its last journaled state).
+MAX_DEFERRED = 10_000
+
+log = logging.getLogger("fleetbus.journal")
 
 
 class JournalError(RuntimeError):
     """The journal file cannot be opened or is not a fleetbus journal."""
+
+
+class JournalUnavailable(JournalError):
+    """The journal cannot be written now (disk full, I/O error, read-only file system, locked).
+    The failed transaction was rolled back: nothing of it is in the file.
+
+    Attributes:
+        code: ``journal-unavailable`` (the stable refusal code).
+        error: SQLite's message (``database or disk is full``...).
+        fs: the mount point of the file system that holds the journal.
+    """
+
+    code = "journal-unavailable"
+
+    def __init__(self, message: str, error: str, fs: str):
+        super().__init__(message)
+        self.error, self.fs = error, fs
+
+
+def _unwritable(e: sqlite3.DatabaseError) -> bool:
+    """``e`` means the file cannot be written now (full, I/O error, read-only, locked, corrupt),
+    not a constraint violation or a bug in a statement."""
+    return type(e) in (sqlite3.OperationalError, sqlite3.DatabaseError)
 
 
 @dataclass
@@ -162,12 +206,23 @@ class Journal:
         JournalError: the file cannot be opened (readonly and missing, or not a database).
 
     Writes come from the router's event loop; a lock makes them safe from worker threads too.
+    A write that fails with a SQLite error other than a constraint violation makes the journal
+    unavailable (see the module docstring): it raises :class:`JournalUnavailable` or, with
+    ``defer=True``, is kept in memory and returns False.
     """
 
     def __init__(self, path: Path, readonly: bool = False, tenant: str = "", host: str = ""):
         self.path = Path(path)
         self.tenant, self.host = tenant, host
         self._lock = threading.Lock()
+        #: while unavailable: ``{"since": Unix s, "error": str, "fs": mount point}``
+        self.failure: dict[str, Any] | None = None
+        self._deferred: deque[list[tuple[str, tuple[Any, ...]]]] = deque()
+        self.refused_writes = 0  # writes that raised JournalUnavailable (this outage)
+        self.deferred_writes = 0  # writes deferred (this outage)
+        self.lost_writes = 0  # deferred writes dropped beyond MAX_DEFERRED (since the journal was opened)
+        self.outages = 0
+        self._fs: str | None = None  # mount point of its file system (looked up once)
         try:
             if readonly:
                 if not self.path.exists():
@@ -191,16 +246,124 @@ class Journal:
         with self._lock:
             self.db.close()
 
-    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        with self._lock:
+    # -- writing, and what happens when it fails -------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        """False from a failed write until the next write (or :meth:`probe`) succeeds."""
+        return self.failure is None
+
+    def health(self) -> dict[str, Any]:
+        """``{"ok": bool, "path", "fs" (mount point), "free_bytes" (None: unknown), "since" (Unix s of
+        the first failure, or None), "error" (SQLite's message, or None), "deferred" (writes kept in
+        memory), "refused" (writes refused during this outage), "lost_writes", "outages"}``."""
+        f = self.failure or {}
+        return {"ok": self.failure is None, "path": str(self.path), "fs": f.get("fs") or self.fs,
+                "free_bytes": free_bytes(self.fs), "since": f.get("since"), "error": f.get("error"),
+                "deferred": len(self._deferred), "refused": self.refused_writes, "lost_writes": self.lost_writes,
+                "outages": self.outages}
+
+    @property
+    def fs(self) -> str:
+        """The mount point of the file system that holds the journal."""
+        if self._fs is None:
+            self._fs = mount_point(self.path)
+        return self._fs
+
+    def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """One transaction. Whatever fails (a statement, or COMMIT itself: a full disk shows up
+        there in WAL mode), it is rolled back, so the connection is never left inside it."""
+        try:
             self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, args in statements:
-                    self.db.execute(sql, args)
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+            for sql, args in statements:
+                self.db.execute(sql, args)
             self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:  # SQLite may have rolled it back itself (SQLITE_FULL, SQLITE_IOERR)
+                    pass
+            raise
+
+    def _write(self, statements: list[tuple[str, tuple[Any, ...]]], defer: bool = False) -> bool:
+        """Write ``statements`` in one transaction, after any deferred writes. Returns True when
+        written; with ``defer``, False when the journal cannot be written and they were kept
+        in memory instead.
+
+        Raises:
+            JournalUnavailable: the journal cannot be written (and not ``defer``).
+            sqlite3.IntegrityError: a constraint failed (nothing was written).
+        """
+        with self._lock:
+            try:
+                if self.failure is not None or self._deferred:
+                    self._tx([st for w in self._deferred for st in w] + [self._resumed_change()])
+                    self._resumed()
+                self._tx(statements)
+                return True
+            except sqlite3.DatabaseError as e:
+                if not _unwritable(e):
+                    raise
+                err = self._failed(e)
+                if defer:
+                    if len(self._deferred) >= MAX_DEFERRED:
+                        self.lost_writes += 1
+                        if self.lost_writes == 1:
+                            log.error("journal: more than %d writes waiting; dropping writes (their records keep "
+                                      "their last journaled state)", MAX_DEFERRED)
+                    else:
+                        self._deferred.append(statements)
+                        self.deferred_writes += 1
+                    return False
+                self.refused_writes += 1
+                raise err from None
+
+    def _failed(self, e: sqlite3.Error) -> JournalUnavailable:
+        if self.failure is None:
+            fs = self.fs
+            self.failure = {"since": time.time(), "error": str(e), "fs": fs}
+            self.outages += 1
+            self.refused_writes = self.deferred_writes = 0
+            log.error("journal %s cannot be written: %s (file system %s, %s free); new SENDs and PUBLISHes are "
+                      "refused (journal-unavailable) and other writes are kept in memory until it can be written",
+                      self.path, e, fs, human_bytes(free_bytes(fs)))
+        f = self.failure
+        return JournalUnavailable(f"the journal {self.path} cannot be written: {f['error']} (file system {f['fs']})",
+                                  f["error"], f["fs"])
+
+    def _resumed_change(self) -> tuple[str, tuple[Any, ...]]:
+        f = self.failure or {"since": time.time(), "error": "", "fs": self.fs}
+        return self._change("", "journal", None, "resumed",
+                            {"since": f["since"], "error": f["error"], "fs": f["fs"],
+                             "deferred": len(self._deferred), "refused": self.refused_writes,
+                             "detail": f"the journal could not be written for {time.time() - f['since']:.1f} s "
+                                       f"({f['error']}): {self.refused_writes} write(s) refused, "
+                                       f"{len(self._deferred)} written late"}, time.time())
+
+    def _resumed(self) -> None:
+        f = self.failure
+        if f is not None:
+            log.warning("journal %s can be written again after %.1f s: %d deferred write(s) written, %d refused",
+                        self.path, time.time() - f["since"], len(self._deferred), self.refused_writes)
+        self._deferred.clear()
+        self.failure = None
+
+    def probe(self) -> bool:
+        """While the journal is unavailable, try to write its deferred writes and the ``journal``
+        change that records the outage. Returns :attr:`writable`."""
+        with self._lock:
+            if self.failure is None and not self._deferred:
+                return True
+            try:
+                self._tx([st for w in self._deferred for st in w] + [self._resumed_change()])
+            except sqlite3.DatabaseError as e:
+                if not _unwritable(e):
+                    raise
+                self._failed(e)
+                return False
+            self._resumed()
+            return True
 
     @staticmethod
     def _change(slot: str, kind: str, ref: str | None, state: str, data: dict[str, Any], at: float):
@@ -211,7 +374,10 @@ class Journal:
 
     def add_message(self, rec: MessageRecord) -> tuple[MessageRecord, bool]:
         """Insert ``rec`` (state ``queued``). Returns ``(record, True)``, or ``(existing, False)``
-        when a message with the same ``idempotency_key`` exists (nothing is written then)."""
+        when a message with the same ``idempotency_key`` exists (nothing is written then).
+
+        Raises:
+            JournalUnavailable: the journal cannot be written (nothing was written)."""
         rec.updated = rec.created
         try:
             self._write([
@@ -231,20 +397,28 @@ class Journal:
         return rec, True
 
     def set_state(self, rec: MessageRecord, state: str, *, held_by: str | None = None,
-                  result: dict[str, Any] | None = None, **data: Any) -> None:
+                  result: dict[str, Any] | None = None, defer: bool = False, **data: Any) -> bool:
         """Move ``rec`` to ``state`` (updating the object too) and append the change with ``data``
-        (``evidence``, ``code``, ``detail``...). ``result`` is the final SendResult as a dict."""
+        (``evidence``, ``code``, ``detail``...). ``result`` is the final SendResult as a dict.
+
+        Returns True when written; with ``defer``, False when the journal cannot be written now
+        and the change waits in memory (the object is updated either way).
+
+        Raises:
+            JournalUnavailable: the journal cannot be written and not ``defer`` (the object is
+                left as it was)."""
         now = time.time()
+        data = {k: v for k, v in data.items() if v not in (None, "")}
+        written = self._write([
+            ("UPDATE messages SET state=?, held_by=?, updated=?, result=COALESCE(?, result) WHERE id=?",
+             (state, held_by, now, json.dumps(result, default=str) if result is not None else None, rec.id)),
+            self._change(rec.slot, "message", rec.id, state, data, now),
+        ], defer=defer)
         rec.state, rec.updated = state, now
         rec.held_by = held_by
         if result is not None:
             rec.result = result
-        data = {k: v for k, v in data.items() if v not in (None, "")}
-        self._write([
-            ("UPDATE messages SET state=?, held_by=?, updated=?, result=COALESCE(?, result) WHERE id=?",
-             (state, held_by, now, json.dumps(result, default=str) if result is not None else None, rec.id)),
-            self._change(rec.slot, "message", rec.id, state, data, now),
-        ])
+        return written
 
     def get(self, msg_id: str) -> MessageRecord | None:
         with self._lock:
@@ -294,7 +468,10 @@ class Journal:
         """Insert ``recs`` (one task, or the tasks of one broadcast) in one transaction.
         Returns ``(recs, True)``, or ``(existing, False)`` when the first one's
         ``idempotency_key`` is already journaled (then nothing is written; ``existing`` is that
-        task, or every task of its group)."""
+        task, or every task of its group).
+
+        Raises:
+            JournalUnavailable: the journal cannot be written (nothing was written)."""
         rows = []
         for r in recs:
             r.updated = r.created
@@ -316,21 +493,22 @@ class Journal:
             return (self.tasks_of_group(existing.group) if existing.group else [existing]), False
         return recs, True
 
-    def set_task(self, rec: TaskRecord, state: str, *, result: dict[str, Any] | None = None, **data: Any) -> None:
+    def set_task(self, rec: TaskRecord, state: str, *, result: dict[str, Any] | None = None, defer: bool = False,
+                 **data: Any) -> bool:
         """Move task ``rec`` to ``state`` (its ``slot``, ``message_id`` and ``options`` as set on the object) and
-        append the change with ``data`` (``code``, ``detail``...)."""
+        append the change with ``data`` (``code``, ``detail``...). Returns and raises as :meth:`set_state`."""
         now = time.time()
         rec.state, rec.updated = state, now
         if result is not None:
             rec.result = result
         data = {k: v for k, v in data.items() if v not in (None, "")}
-        self._write([
+        return self._write([
             ("UPDATE tasks SET state=?, slot=?, message_id=?, options=?, updated=?, result=COALESCE(?, result)"
              " WHERE id=?",
              (state, rec.slot, rec.message_id, json.dumps(rec.options), now,
               json.dumps(result, default=str) if result is not None else None, rec.id)),
             self._change(rec.slot or "", "task", rec.id, state, data, now),
-        ])
+        ], defer=defer)
 
     def _tasks(self, where: str, args: tuple[Any, ...]) -> list[TaskRecord]:
         with self._lock:
@@ -366,10 +544,11 @@ class Journal:
 
     # -- slots ---------------------------------------------------------------------------------
 
-    def slot_event(self, slot: str, event: str, **data: Any) -> None:
+    def slot_event(self, slot: str, event: str, *, defer: bool = False, **data: Any) -> bool:
         """Append a slot lifecycle event (``started``, ``exited``, ``restarting``, ``crash-loop``,
-        ``stopped``, ``sidecar-restarted``, ``server-lost``...). ``data`` must be JSON-serialisable."""
-        self._write([self._change(slot, "slot", None, event, data, time.time())])
+        ``stopped``, ``sidecar-restarted``, ``server-lost``...). ``data`` must be JSON-serialisable.
+        Returns and raises as :meth:`set_state`."""
+        return self._write([self._change(slot, "slot", None, event, data, time.time())], defer=defer)
 
     def last_slot_event(self, slot: str, events: tuple[str, ...] | None = None) -> dict[str, Any] | None:
         """The latest slot event of ``slot`` (one of ``events`` when given):
@@ -388,8 +567,9 @@ class Journal:
         return self.history(slot, limit, kinds=("slot",))
 
     def history(self, slot: str | None = None, limit: int = 200,
-                kinds: tuple[str, ...] = ("message", "task", "slot")) -> list[dict[str, Any]]:
-        """The latest ``limit`` changes (of ``slot``), oldest first. Each record:
+                kinds: tuple[str, ...] = ("message", "task", "slot", "journal")) -> list[dict[str, Any]]:
+        """The latest ``limit`` changes (of ``slot``), oldest first (``journal`` changes, which
+        record an outage of the journal, have the slot ``""``). Each record:
         ``{"seq", "at" (Unix s), "tenant_id", "host", "slot", "kind", "id" (message or task id, or None),
         "state", "data"}``."""
         sql = f"SELECT * FROM changes WHERE kind IN ({','.join('?' * len(kinds))})"

@@ -7,7 +7,8 @@ uses (``fleet``, ``transport``, ``table``, ``waiters``, ``queues``, ``inflight``
 - :meth:`MessagePath.send` journals a SEND (idempotency keys, ``when``, ``detach``) and queues it;
 - one worker per slot (:meth:`MessagePath._slot_worker`) types its messages one at a time, in
   order (:meth:`MessagePath._attempt`), and verifies each by the runtime's ack or the pane
-  (:meth:`MessagePath._verify`); a message the runtime's TUI holds gets a follower task;
+  (:meth:`MessagePath._verify`, waiting in :mod:`fleetbus.router.evidence`); a message the
+  runtime's TUI holds gets a follower task;
 - :meth:`MessagePath._recover` finishes what a previous router left unfinished without typing
   anything twice; :meth:`MessagePath._runtime_exited` puts back what a dead runtime never took;
 - acks that arrive late (or replayed after a restart) are journaled (:meth:`MessagePath._late_ack`).
@@ -32,33 +33,30 @@ from fleetbus.adapters import get_adapter, marker
 from fleetbus.config import Slot
 from fleetbus.router import verify
 from fleetbus.router.delivery import Delivery, SlotQueue, Unavailable
-from fleetbus.router.journal import Journal, MessageRecord
+from fleetbus.router.evidence import DRAFT_CHECK_S, HISTORY_ROWS, POLL_S, Evidence, _Waiter
+from fleetbus.router.journal import Journal, JournalUnavailable, MessageRecord
+from fleetbus.router.journal_guard import JournalGuard
 from fleetbus.transports.base import SlotNotFound
 
 log = logging.getLogger("fleetbus.router")
 
-#: Pane polling interval of the pane-diff fallback (s); a poll is two control-mode commands (~0.2 ms).
-POLL_S = 0.005
-#: Seconds after typing at which a hook runtime's input line is checked once for a lost submit key.
-DRAFT_CHECK_S = 1.0
-#: Pane polling interval (s) for a TUI's queue indicator while the slot is busy.
-QUEUE_POLL_S = 0.05
-#: Scrollback rows captured when looking for a submitted marker.
-HISTORY_ROWS = 300
 #: Seconds between tries of a message held for a slot that is not available (``when=available``).
 AVAILABLE_POLL_S = 0.5
 #: Seconds, beyond a slot's liveness period, that recovery waits for its sidecar to re-register.
 RECOVERY_GRACE_S = 2.0
 #: Seconds after a sidecar's re-registration by which its replayed acks have arrived.
 ACK_REPLAY_S = 0.5
-#: Seconds between checks, while waiting for an ack, that the slot's sidecar is still the same.
-SIDECAR_CHECK_S = 0.25
 #: Scrollback rows searched for a recovered message's marker (tmux history-limit is 5000).
 RECOVERY_HISTORY_ROWS = 5000
 
 
-class MessagePath:
-    """Mixin: the message path of :class:`fleetbus.router.server.Router` (see the module docstring)."""
+__all__ = ["DRAFT_CHECK_S", "MessagePath", "_Waiter"]
+
+
+class MessagePath(Evidence, JournalGuard):
+    """Mixin: the message path of :class:`fleetbus.router.server.Router` (see the module docstring).
+    Waiting for evidence is :class:`fleetbus.router.evidence.Evidence`; what changes while the
+    journal cannot be written is :class:`fleetbus.router.journal_guard.JournalGuard`."""
 
     def _on_ack(self, slot: str, ack: P.Ack) -> None:
         w = self.waiters.get(ack.id)
@@ -115,6 +113,7 @@ class MessagePath:
         it; unit tests use it around :meth:`send` on the memory transport."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            tg.start_soon(self._journal_watch)
             self._recover()
             try:
                 yield tg
@@ -141,7 +140,8 @@ class MessagePath:
         and DESIGN.md). The message is committed to the journal before any answer; with
         ``detach`` the answer is ``queued`` at once, otherwise the first of: the final result,
         ``queued`` held by the runtime (``wait="queued"``), ``queued`` held by fleetbus (the slot is
-        not available and ``when="available"``). Never raises for a refused message."""
+        not available and ``when="available"``). Never raises for a refused message; one that
+        cannot be journaled is ``rejected`` (``journal-unavailable``, ``journaled`` false)."""
         t0 = time.monotonic()
         slot = self.fleet.slots.get(req.to)
         max_bytes = self.fleet.roster.bus.max_body_bytes
@@ -160,7 +160,13 @@ class MessagePath:
         rec = MessageRecord(id=secrets.token_hex(6), slot=req.to, sender=req.sender, body=body, options=options,
                             idempotency_key=req.idempotency_key,
                             expires=time.time() + ttl if req.when == "available" else None)
-        rec, created = self.journal.add_message(rec)
+        try:
+            rec, created = self.journal.add_message(rec)
+        except JournalUnavailable as e:  # nothing journaled, nothing typed (a known key needs no write)
+            known = self.journal.by_key(req.idempotency_key) if req.idempotency_key else None
+            if known is None:
+                return self._not_journaled(req, t0, problem, e)
+            rec, created = known, False
         if not created:  # its idempotency key is already journaled: the insert returned that message
             return await self._duplicate(rec, req, t0)
         d = Delivery(rec, req, t0)
@@ -197,12 +203,15 @@ class MessagePath:
         return r.model_copy(update={"duplicate": True, "latency_ms": round((time.monotonic() - t0) * 1000, 3)})
 
     def _finish(self, d: Delivery, r: P.SendResult) -> None:
-        """Journal the final result of ``d``, answer its clients and publish the event."""
+        """Journal the final result of ``d``, answer its clients and publish the event. When the
+        journal cannot be written the result is kept in memory until it can, and the clients get
+        it with ``journaled`` false."""
         if d.final is not None:
             return
         d.final = r
-        self.journal.set_state(d.rec, r.result, result=r.model_dump(), evidence=r.evidence, code=r.code,
-                               detail=r.detail, retries=r.submit_retries or None)
+        if not self.journal.set_state(d.rec, r.result, result=r.model_dump(), evidence=r.evidence, code=r.code,
+                                      detail=r.detail, retries=r.submit_retries or None, defer=True):
+            d.final = r = r.model_copy(update={"journaled": False})
         d.reply(r)
         self.inflight.pop(d.rec.id, None)
         self.waiters.pop(d.rec.id, None)
@@ -212,10 +221,15 @@ class MessagePath:
     async def _slot_worker(self, name: str, q: SlotQueue) -> None:
         """Type the messages of slot ``name`` one at a time, oldest first. A message whose slot is
         not available is rejected (``when=now``) or waits, polled every AVAILABLE_POLL_S, until
-        the slot can take it or its TTL ends (``dead-letter``)."""
+        the slot can take it or its TTL ends (``dead-letter``). While the journal cannot be
+        written nothing is typed, rejected or expired: the queue waits."""
         swept = 0.0
         while True:
             await q.wait()
+            if not self.journal.writable:  # nothing is typed, rejected or expired that cannot be journaled
+                self._held_for_journal(q)
+                await anyio.sleep(AVAILABLE_POLL_S)
+                continue
             now = time.time()
             if now >= swept + AVAILABLE_POLL_S:  # one pass over the queue at most this often, not per message
                 swept = now
@@ -231,7 +245,8 @@ class MessagePath:
             try:
                 out = await (self._attempt(d) if d.rec.state == "queued" else self._recover_one(d))
             except Exception as e:  # a bug or a transport failure must never stop the slot's queue
-                log.exception("delivery of %s to %s failed", d.rec.id, name)
+                self.failures.exception(f"deliver:{name}:{type(e).__name__}", "delivery of %s to %s failed",
+                                        d.rec.id, name)
                 if d.rec.state != "queued":
                     self._finish(d, self._result(d, "unconfirmed", detail=f"delivery failed after typing began: {e}"))
                     out = None
@@ -240,6 +255,8 @@ class MessagePath:
             if out is None:
                 if q.items and q.items[0] is d:
                     q.items.popleft()
+                continue
+            if out.code == JournalUnavailable.code:  # still queued in the journal: typed when it can be written
                 continue
             if d.req.when == "now":
                 q.items.popleft()
@@ -263,18 +280,6 @@ class MessagePath:
                                      detail=f"slot {d.rec.slot!r} was not available within the TTL; nothing was typed"))
         return True
 
-    async def _ack_after_death(self, slot: Slot, w: _Waiter) -> bool:
-        """Wait one heartbeat interval plus 0.5 s for an ack that is still on its way after the
-        runtime died (a hook that found the sidecar busy spooled it; the sidecar replays its spool
-        every beat). True when it came: the runtime did take the message."""
-        with anyio.move_on_after(slot.heartbeat_ms / 1000 + 0.5):
-            await w.accepted.wait()
-        return w.accepted.is_set()
-
-    def _sidecar_lost(self, w: _Waiter) -> bool:
-        """The sidecar that was registered when ``w``'s message was typed is stale or replaced."""
-        peer = self.table.peers.get(w.slot)
-        return w.peer is not None and (peer is not w.peer or peer.stale)
 
     def _runtime_exited(self, slot: str, diag: dict[str, Any]) -> None:
         """Supervisor exit listener: the program of ``slot`` died (or the tmux server did). A
@@ -299,7 +304,7 @@ class MessagePath:
         self.waiters.pop(d.rec.id, None)
         d.waiter, d.follow_scope, d.held = None, None, False
         detail = "the runtime died before acknowledging it; it goes to the restarted runtime"
-        self.journal.set_state(d.rec, "queued", held_by="fleetbus", code="runtime-died", detail=detail)
+        self.journal.set_state(d.rec, "queued", held_by="fleetbus", code="runtime-died", detail=detail, defer=True)
         self.publish("message", d.rec.slot, id=d.rec.id, state="queued", result="queued", held_by="fleetbus",
                      code="runtime-died")
         return Unavailable("slot-dead", f"slot {d.rec.slot!r}: its runtime died before taking the message")
@@ -307,7 +312,7 @@ class MessagePath:
     def _hold(self, d: Delivery, out: Unavailable) -> None:
         """``d`` waits in the journal for its slot (``when=available``): tell its clients so."""
         d.held = True
-        self.journal.set_state(d.rec, "queued", held_by="fleetbus", code=out.code, detail=out.detail)
+        self.journal.set_state(d.rec, "queued", held_by="fleetbus", code=out.code, detail=out.detail, defer=True)
         if d.req.wait != "accepted":  # a SEND that waits for acceptance keeps waiting
             d.reply(self._result(d, "queued", held_by="fleetbus", code=out.code,
                                  detail=f"{out.detail}; held until the slot is available"))
@@ -350,16 +355,22 @@ class MessagePath:
         was_busy = (peer is not None and peer.state == "busy") or verify.is_busy(adapter, screen)
         w = d.waiter = self.waiters[rec.id] = _Waiter(slot.name, rec.id, d.t0)
         w.use_ack, w.peer = use_ack, peer
+        try:
+            self.journal.set_state(rec, "typing", pane_pid=screen.pid)  # write-ahead: see _recover_one
+        except JournalUnavailable as e:  # never typed without it: the message stays queued
+            self.waiters.pop(rec.id, None)
+            d.waiter = None
+            return Unavailable(e.code, str(e))
         if peer is not None:
             await self._send(peer.addr, P.Expect(id=rec.id, marker=mk))
-        self.journal.set_state(rec, "typing", pane_pid=screen.pid)  # write-ahead: see _recover_one
         try:
             await self.transport.deliver(slot.name, text, adapter.submit)
         except SlotNotFound:
-            self.journal.set_state(rec, "queued", held_by="fleetbus", detail="the slot vanished before typing")
+            self.journal.set_state(rec, "queued", held_by="fleetbus", detail="the slot vanished before typing",
+                                   defer=True)
             self.waiters.pop(rec.id, None)
             return Unavailable("slot-down", f"slot {slot.name!r} vanished before typing")
-        self.journal.set_state(rec, "injected")
+        self.journal.set_state(rec, "injected", defer=True)
         self.publish("message", slot.name, id=rec.id, state="injected", result="injected")
         if not req.verify:
             self._finish(d, self._result(d, "injected"))
@@ -399,7 +410,8 @@ class MessagePath:
             self._finish(d, r)
             return True
         r = r.model_copy(update={"held_by": "runtime"})
-        self.journal.set_state(d.rec, "runtime-queued", held_by="runtime", evidence=r.evidence, queued_ms=r.queued_ms)
+        self.journal.set_state(d.rec, "runtime-queued", held_by="runtime", evidence=r.evidence, queued_ms=r.queued_ms,
+                               defer=True)
         self.publish("message", slot.name, id=d.rec.id, state="runtime-queued", result="queued", held_by="runtime",
                      evidence=r.evidence)
         if d.req.wait == "queued":
@@ -522,7 +534,7 @@ class MessagePath:
                            if c["state"] == "typing"), None)
         if (rec.state == "typing" and not seen and adapter.line_history and screen is not None and not screen.dead
                 and typing_pid is not None and screen.pid == typing_pid):
-            self.journal.set_state(rec, "queued", held_by="fleetbus",
+            self.journal.set_state(rec, "queued", held_by="fleetbus", defer=True,
                                    detail="not in the pane: the router stopped before typing it; typing it now")
             self.waiters.pop(rec.id, None)
             return await self._attempt(d)
@@ -531,142 +543,3 @@ class MessagePath:
         self._finish(d, self._result(d, "unconfirmed", detail=f"{why}; no ack and no pane evidence since; "
                                                               "it is not typed again"))
         return None
-
-    async def _verify_by_ack(self, slot: Slot, adapter: Any, mk: str, w: _Waiter, req: P.SendRequest,
-                             deadline: float, was_busy: bool, result: Any) -> P.SendResult | None:
-        """Wait for the runtime's ack. One look at the pane after DRAFT_CHECK_S: a message still in
-        the input line lost its submit key (seen with Claude Code 2.1.197 right after start-up) and
-        gets the one extra key; a busy runtime's queue indicator makes the message ``queued``.
-        While the slot was busy at send time the pane is watched for the queue indicator every
-        QUEUE_POLL_S. Returns None when the deadline passed without an answer, and as soon as the
-        slot's sidecar is lost (stale, or re-registered: a sidecar killed with hook datagrams in its
-        queue loses them), so the caller can decide from the pane instead."""
-        check_at = time.monotonic() + DRAFT_CHECK_S
-        draft_checked = False
-        watch = was_busy  # poll the pane for the queue indicator
-        while not w.accepted.is_set() and not w.died:
-            now = time.monotonic()
-            if now >= deadline or (w.queued_at is not None and req.wait == "queued") or self._sidecar_lost(w):
-                break
-            if w.queued_at is not None:
-                until = deadline
-            elif watch:
-                until = min(deadline, now + QUEUE_POLL_S, check_at if not draft_checked else deadline)
-            elif not draft_checked:
-                until = min(deadline, check_at)
-            else:
-                until = deadline
-            until = min(until, now + SIDECAR_CHECK_S)
-            w.changed = anyio.Event()
-            with anyio.move_on_after(max(0.0, until - time.monotonic())):
-                await w.changed.wait()
-            if w.accepted.is_set() or w.queued_at is not None:
-                continue
-            due = not draft_checked and time.monotonic() >= check_at
-            if not (watch or due):
-                continue
-            try:
-                verdict = verify.classify(adapter, await self.transport.screen(slot.name), mk)
-            except SlotNotFound:
-                return None
-            if verdict == "queued":
-                w.queued_at = time.monotonic()
-            elif due:
-                draft_checked = True
-                if verdict == "draft":
-                    await self.transport.send_keys(slot.name, adapter.submit.key)
-                    w.retries = 1
-                    watch = True  # the late submit may land in a queue
-        if w.accepted.is_set():
-            ack = w.ack
-            return result("accepted", id=w.msg_id, evidence="runtime-ack", submit_retries=w.retries,
-                          session_id=ack.session_id if ack else None, queued_ms=w.queued_ms())
-        if w.queued_at is not None:
-            return result("queued", id=w.msg_id, evidence="runtime-ack" if w.queued_ack else "pane-diff",
-                          submit_retries=w.retries, queued_ms=w.queued_ms(),
-                          detail=f"{slot.name!r} is in a turn; its TUI holds the message and takes it when the "
-                                 "turn ends" + ("" if req.wait == "queued" else " (not taken before the timeout)"))
-        return None
-
-    async def _verify_by_pane(self, slot: Slot, adapter: Any, mk: str, w: _Waiter, req: P.SendRequest,
-                              deadline: float, result: Any) -> P.SendResult | None:
-        """Pane-diff: poll the screen until the marker shows above the input region. A message
-        still in the input line DRAFT_CHECK_S after typing gets the one extra submit key."""
-        check_at = time.monotonic() + DRAFT_CHECK_S
-        while time.monotonic() < deadline and not w.died:
-            try:
-                scr = await self.transport.screen(slot.name, history=HISTORY_ROWS)
-            except SlotNotFound:
-                return None
-            verdict = verify.classify(adapter, scr, mk)
-            if verdict == "accepted":
-                return result("accepted", id=w.msg_id, evidence="pane-diff", queued_ms=w.queued_ms(),
-                              submit_retries=w.retries,
-                              detail="" if not adapter.has_hook else "sidecar not connected: verified by pane diff")
-            if verdict == "draft" and not w.retries and time.monotonic() >= check_at:
-                await self.transport.send_keys(slot.name, adapter.submit.key)
-                w.retries = 1
-            if verdict == "queued" and w.queued_at is None:
-                w.queued_at = time.monotonic()
-                if req.wait == "queued":
-                    return result("queued", id=w.msg_id, evidence="pane-diff", queued_ms=w.queued_ms(),
-                                  detail=f"{slot.name!r} is busy; its TUI holds the message")
-            await anyio.sleep(POLL_S)
-        return None
-
-    async def _final_verdict(self, slot: Slot, adapter: Any, mk: str, w: _Waiter, use_ack: bool,
-                             result: Any) -> P.SendResult:
-        """After the timeout: a draft gets one extra submit key in all (never re-typed text)."""
-        msg_id, retries = w.msg_id, w.retries
-        draft_detail = (f"the message sits unsubmitted in the input line of {slot.name!r} "
-                        f"(one extra {adapter.submit.key} was sent)")
-        try:
-            verdict = verify.classify(adapter, await self.transport.screen(slot.name, history=HISTORY_ROWS), mk)
-        except SlotNotFound:
-            return result("unconfirmed", id=msg_id, detail=f"slot {slot.name!r} vanished during verification")
-        if verdict == "queued" or w.queued_at is not None and verdict != "draft":
-            return result("queued", id=msg_id, evidence="runtime-ack" if w.queued_ack else "pane-diff",
-                          submit_retries=retries, queued_ms=w.queued_ms(),
-                          detail="its TUI still holds the message after the timeout")
-        if verdict == "draft" and retries:
-            return result("draft", id=msg_id, submit_retries=retries, detail=draft_detail)
-        if verdict != "draft":
-            return result("unconfirmed", id=msg_id, submit_retries=retries,
-                          detail="no runtime ack and no pane evidence before the timeout")
-        await self.transport.send_keys(slot.name, adapter.submit.key)
-        with anyio.move_on_after(1.0 if use_ack else 0.5):
-            if use_ack:
-                await w.accepted.wait()
-            else:
-                await anyio.sleep(0.5)
-        if w.accepted.is_set():
-            return result("accepted", id=msg_id, evidence="runtime-ack", submit_retries=1,
-                          session_id=w.ack.session_id if w.ack else None)
-        scr = await self.transport.screen(slot.name, history=HISTORY_ROWS)
-        verdict = verify.classify(adapter, scr, mk)
-        if verdict == "accepted" and not use_ack:
-            return result("accepted", id=msg_id, evidence="pane-diff", submit_retries=1)
-        if verdict == "draft":
-            return result("draft", id=msg_id, submit_retries=1, detail=draft_detail)
-        return result("unconfirmed", id=msg_id, submit_retries=1, detail="no evidence after one extra submit key")
-
-
-class _Waiter:
-    """Verification state of one message in flight."""
-
-    def __init__(self, slot: str, msg_id: str, started: float):
-        self.slot = slot
-        self.msg_id = msg_id
-        self.accepted = anyio.Event()
-        self.changed = anyio.Event()
-        self.ack: P.Ack | None = None
-        self.started = started
-        self.queued_at: float | None = None
-        self.queued_ack = False
-        self.retries = 0
-        self.use_ack = False  # verified by the runtime's ack (its sidecar was connected)
-        self.died = False  # the runtime died before acknowledging it (see Router._runtime_exited)
-        self.peer: Any = None  # the sidecar registered when it was typed
-
-    def queued_ms(self) -> float | None:
-        return None if self.queued_at is None else round((self.queued_at - self.started) * 1000, 3)

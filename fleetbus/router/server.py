@@ -467,9 +467,10 @@ class Router(MessagePath, SlotOps):
                 continue
             try:
                 self._dispatch(addr, msg, identity)
-            except Exception:  # a handler bug must never take the reader down
+            except Exception as e:  # a handler bug must never take the reader down (logged once a minute)
                 self.dropped_frames += 1
-                log.exception("handler failed for %s", type(msg).__name__)
+                self.failures.exception(f"handler:{type(msg).__name__}:{type(e).__name__}", "handler failed for %s",
+                                        type(msg).__name__)
 
     #: Frames a peer of the tcp socket may send: remote peers are sidecars, never clients.
     SIDECAR_FRAMES = (P.Hello, P.Ping, P.Ack, P.Bye, P.HookEvent)
@@ -619,6 +620,7 @@ class Router(MessagePath, SlotOps):
             "events_endpoint": self.paths.events_endpoint, "verify_timeout_s": bus.verify_timeout_s,
             "task_wait_s": bus.task_wait_s, "task_timeout_s": bus.task_timeout_s,
             "tasks": {"open": len(self.tasks.tasks), "waiting": len(self.tasks.pending)},
+            "journal": self.journal_health(),
         }
 
     async def handle_ps(self) -> list[dict[str, Any]]:
@@ -632,8 +634,10 @@ class Router(MessagePath, SlotOps):
         rows = await anyio.to_thread.run_sync(
             lambda: [r.model_dump(by_alias=True) for r in collect_status(self.fleet, panes, beats, source="router",
                                                                         host=self.host, supervision=supervision)])
+        journal = self.journal_health()
         for row in rows:
             row["task"] = self.tasks.held_by(row["slot"])
+            row["journal"] = journal
         return rows
 
     async def handle_shutdown(self, msg: P.ShutdownRequest) -> dict[str, Any]:

@@ -42,6 +42,7 @@ import psutil
 
 from fleetbus.config import BusConfig, FleetConfig, Slot
 from fleetbus.router import procs
+from fleetbus.router.journal_guard import RateLimitedLog
 from fleetbus.transports.base import PaneInfo, SlotNotFound, TransportError
 
 log = logging.getLogger("fleetbus.supervisor")
@@ -236,6 +237,7 @@ class Supervisor:
         self.slots: dict[str, SlotWatch] = {name: load_watch(None, name, self.rules, clock)
                                             for name in router.fleet.slots}
         self.loaded = False
+        self.failures = RateLimitedLog(log)  # a failure that repeats every pass is logged once a minute
         #: called as ``listener(slot, diagnostics)`` when a slot's program is found gone (after its
         #: ``exited`` or ``server-lost`` event is journaled, before any restart): the message path
         #: uses it for messages the dead program held but never took
@@ -264,10 +266,10 @@ class Supervisor:
     def _event(self, slot: str, event: str, **data: Any) -> None:
         """Journal a slot event and publish it (topic ``slot``)."""
         if self.journal is not None:
-            try:
-                self.journal.slot_event(slot, event, **data)
-            except Exception:  # a full disk must not stop supervision
-                log.exception("cannot journal %s of %s", event, slot)
+            try:  # a journal that cannot be written keeps it in memory until it can
+                self.journal.slot_event(slot, event, defer=True, **data)
+            except Exception as e:  # never stops supervision
+                self.failures.exception(f"journal:{type(e).__name__}", "cannot journal %s of %s", event, slot)
         self.router.publish("slot", slot, event=event, **data)
         log.info("slot %s: %s %s", slot, event, {k: v for k, v in data.items() if k != "last_lines"})
         for listener in self.event_listeners:
@@ -330,8 +332,8 @@ class Supervisor:
         while True:
             try:
                 await self.tick()
-            except Exception:
-                log.exception("supervisor pass failed")
+            except Exception as e:
+                self.failures.exception(f"pass:{type(e).__name__}", "supervisor pass failed")
             await anyio.sleep(self._next_sleep_s())
 
     def _next_sleep_s(self) -> float:

@@ -51,7 +51,8 @@ from fleetbus import protocol as P
 from fleetbus.adapters import get_adapter
 from fleetbus.config import check_kickstart, render_kickstart
 from fleetbus.router import verify
-from fleetbus.router.journal import TaskRecord
+from fleetbus.router.journal import JournalUnavailable, TaskRecord
+from fleetbus.router.journal_guard import RateLimitedLog
 
 if TYPE_CHECKING:
     from fleetbus.router.server import Router
@@ -113,6 +114,7 @@ class _Task:
     turn_end: anyio.Event = field(default_factory=anyio.Event)
     acked: bool = False
     scope: anyio.CancelScope | None = None
+    journaled: bool = True  # its latest state is in the journal (False: kept in memory until it can be written)
 
     @property
     def id(self) -> str:
@@ -147,6 +149,7 @@ class Dispatcher:
         self.needs_reset: dict[str, float] = {}  # slot -> monotonic time of the last failed reset
         self._wake = anyio.Event()
         self.started = time.monotonic()
+        self.failures = RateLimitedLog(log)
         # the roster is fixed for the router's life
         self.hooked = {n for n, s in router.fleet.slots.items() if get_adapter(s.runtime).has_hook}
         self.order = {n: i for i, n in enumerate(router.fleet.slots)}
@@ -171,17 +174,23 @@ class Dispatcher:
             accepted_at=acc, finished_at=fin,
             accepted_ms=round((acc - created) * 1000, 3) if acc else None,
             done_ms=round((fin - created) * 1000, 3) if fin else None,
-            idempotency_key=t.rec.idempotency_key, **kw)
+            idempotency_key=t.rec.idempotency_key, journaled=t.journaled, **kw)
 
     def _set(self, t: _Task, state: str, *, code: str | None = None, detail: str = "", **times: float) -> None:
-        """Journal and publish a state change of ``t``; wake its waiters and the dispatcher."""
+        """Journal and publish a state change of ``t``; wake its waiters and the dispatcher. When
+        the journal cannot be written the change is kept in memory until it can (``journaled``
+        false meanwhile)."""
         r = dict(t.rec.result or {})
         r.update(times)
         r["code"], r["detail"] = code, detail
         t.rec.result = r
         t.rec.state = state
+        t.journaled = True
         res = self.result(t)
-        self.router.journal.set_task(t.rec, state, result=res.model_dump(), code=code, detail=detail)
+        t.journaled = self.router.journal.set_task(t.rec, state, result=res.model_dump(), code=code, detail=detail,
+                                                   defer=True)
+        if not t.journaled:
+            res = res.model_copy(update={"journaled": False})
         self._announce(t, res)
         t.changed.set()
         t.changed = anyio.Event()
@@ -253,8 +262,8 @@ class Dispatcher:
         (or ended). One result per task: several for ``all:<class>``.
 
         Raises:
-            RequestError: ``bad-selector``, ``invalid-body``, ``invalid-kickstart`` (nothing is
-                journaled then).
+            RequestError: ``bad-selector``, ``invalid-body``, ``invalid-kickstart``,
+                ``journal-unavailable`` (the journal cannot be written) (nothing is journaled then).
         """
         from fleetbus.router.server import RequestError
 
@@ -289,7 +298,13 @@ class Dispatcher:
             target = names[0] if sel.kind == "name" and names else None
             recs = [TaskRecord(id="t" + secrets.token_hex(6), options={**options, "target": target},
                                idempotency_key=req.idempotency_key, **common)]
-        recs, created = self.router.journal.add_tasks(recs)
+        try:
+            recs, created = self.router.journal.add_tasks(recs)
+        except JournalUnavailable as e:
+            known = self.router.journal.task_by_key(req.idempotency_key) if req.idempotency_key else None
+            if known is None:
+                raise RequestError(e.code, f"{e}: no task was created; free disk space on {e.fs}") from None
+            recs, created = ([known] if known.group is None else self.router.journal.tasks_of_group(known.group)), False
         if not created:
             return await self._duplicates(recs, req)
         tasks = [self._adopt(r) for r in recs]
@@ -369,8 +384,8 @@ class Dispatcher:
             self._wake = anyio.Event()
             try:
                 self._pass()
-            except Exception:  # a bug must never stop dispatching
-                log.exception("dispatch pass failed")
+            except Exception as e:  # a bug must never stop dispatching
+                self.failures.exception(f"pass:{type(e).__name__}", "dispatch pass failed")
 
     def _pass(self) -> None:
         now_m, now = time.monotonic(), time.time()
@@ -385,6 +400,9 @@ class Dispatcher:
                 self.pending.remove(t)
                 continue
             free, why = self._candidates(t, now_m)
+            if free and not self.router.journal.writable:  # its message could not be journaled: it waits
+                why.update({n: "the journal cannot be written" for n in free})
+                free = []
             if free:
                 self._assign(t, free[0])
             elif t.rec.deadline is not None and now >= t.rec.deadline:
@@ -459,7 +477,7 @@ class Dispatcher:
                 else:  # assigned: the message path resumes its message; a SEND with its key follows it
                     await self._deliver(t)
             except Exception as e:
-                log.exception("task %s failed in the router", t.id)
+                self.failures.exception(f"task:{type(e).__name__}", "task %s failed in the router", t.id)
                 self._finish(t, "failed", code="internal", detail=f"{type(e).__name__}: {e}")
             finally:
                 t.scope = None
