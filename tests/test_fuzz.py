@@ -47,7 +47,7 @@ VALID: list[P._Env] = [
                      timeout_s=60.0, allow_busy=True, kickstart="Task {task_id}: {body}", idempotency_key="k-2"),
     P.TaskRequest(req="r", id="t0123456789ab", wait="done", timeout_s=1.0),
     P.PsRequest(req="r"), P.SlotRequest(kind="RESET", req="r", slot="a", timeout_s=3.0),
-    P.HealthRequest(req="r", probe="p1"), P.ShutdownRequest(req="r", teardown=True),
+    P.HealthRequest(req="r", probe="p1"), P.ShutdownRequest(req="r", teardown=True), P.KeysRequest(req="r"),
     P.Result(req="r", ok=False, code="unknown-slot", error="no", data={"x": [1, 2.5, None]}),
     P.HookEvent(event="prompt-submit", slot="a", runtime="stub", session_id="s", markers=[MID], prompt_head="hi"),
     P.Event(topic="message", seq=3, slot="a", tenant_id="t", host="h", data={"id": MID}),

@@ -324,6 +324,9 @@ def test_fleet_on_a_full_disk_stays_up_refuses_sends_and_resumes(small_fs, make_
 
     fs.free()
     wait_for(lambda: fe.ps()["a"].journal["ok"], timeout=15, what="the router resumes by itself")
+    # the held message goes first; a send during its turn would be queued by the runtime
+    wait_for(lambda: _records(fe) == ["before", "held for the slot"], timeout=15, what="the held message delivered")
+    wait_for(lambda: fe.ps()["a"].state == "idle", timeout=15, what="its turn ended")
     rc, out, p = _cli_json(fe, "send", "a", "-m", "after", "--verify")
     assert rc == 0 and out["result"] == "accepted" and out["journaled"], p.stdout + p.stderr
     rc, log, p = _cli_json(fe, "log")

@@ -237,7 +237,7 @@ def test_drift_and_reset(make_fleet):
     assert rows["fake"].flags == [], "a command override is what the slot should run"
     # tmux 3.3a can mark the pane dead before it reaps the child; the status follows (from tmux,
     # or from the supervisor's look at the zombie) within a supervisor pass
-    rows = wait_for(lambda: (r := fe.ps())["quits"].exit_status is not None and r, timeout=5, what="exit status")
+    rows = wait_for(lambda: (r := fe.ps())["quits"].exit_status is not None and r, timeout=20, what="exit status")
     assert (rows["quits"].pane, rows["quits"].exit_status) == ("dead", 3)
     assert "dead(3)" in fe.cli("ps").stdout
     # the stub's pane now runs something else: DRIFT
