@@ -253,8 +253,8 @@ class Dispatcher:
         (or ended). One result per task: several for ``all:<class>``.
 
         Raises:
-            RequestError: ``bad-selector``, ``invalid-body``, ``invalid-kickstart`` (nothing is
-                journaled then).
+            RequestError: ``bad-selector``, ``invalid-body``, ``invalid-kickstart``,
+                ``too-many-tasks`` (``bus.max_open_tasks`` tasks are open) (nothing is journaled then).
         """
         from fleetbus.router.server import RequestError
 
@@ -276,6 +276,9 @@ class Dispatcher:
         options = {"wait_s": wait_s, "timeout_s": req.timeout_s or bus.task_timeout_s,
                    "allow_busy": req.allow_busy, "kickstart": req.kickstart, "attempt": 0}
         names, why = self.matching(sel)
+        full = self.router.limits.too_many_tasks(req, len(self.tasks), len(names) if sel.kind == "all" and names else 1)
+        if full is not None:
+            raise RequestError("too-many-tasks", full)
         now = time.time()
         common = dict(selector=sel.text, body=body, sender=req.sender, created=now, deadline=now + wait_s)
         if sel.kind == "all" and names:
