@@ -472,13 +472,12 @@ class Journal:
         out["bytes_after"] = self.size_bytes()
         return out
 
-    def _give_back_pages(self, pages: int = 2000) -> None:
+    def _give_back_pages(self, pages: int = 500) -> None:
         """Return free pages to the file system (incremental auto-vacuum only; ``pages`` per
         transaction), then checkpoint the WAL so the database file really shrinks."""
         with self._lock:
-            if self.db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
-                return
-        while True:
+            incremental = self.db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        while incremental:
             with self._lock:
                 free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
                 if not free:
