@@ -67,7 +67,7 @@ def main() -> int:
     roster = home / "fleet.yaml"
     roster.write_text(f"version: 1\ntenant: crash\ntransport: {{kind: tmux, socket: crash}}\n"
                       f"bus: {{heartbeat_ms: 500, liveness: 3, restart_backoff_ms: 200, restart_backoff_max_ms: 2000, "
-                      f"crash_loop_restarts: 1000}}\nagents:\n{agents}\n")
+                      f"crash_loop_restarts: 1000, send_rate: 0}}\nagents:\n{agents}\n")  # one client sends ~200/s
     fleet = load_roster(roster)
     paths = fleet_paths(fleet.tenant, fleet.roster.transport.socket)
     paths.ensure()

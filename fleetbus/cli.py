@@ -11,13 +11,14 @@ Exit codes (stable):
       ``--timeout``); another command could not finish its work
 2     usage or configuration error (bad arguments, invalid roster, unreadable input)
 3     rejected: unknown slot, slot not running or dead, invalid message, busy input line,
-      not at its prompt, ``reset`` during a turn, idempotency key reused for another message,
-      the journal cannot be written (``journal-unavailable``: a full disk; nothing was journaled
-      or typed; ``fleet ps`` and ``fleet doctor`` say so; send again once it is fixed);
-      ``send``: ``dead-letter`` (its TTL ended before the slot was available); ``publish``: a task
-      ``failed`` (``no-match``: the selector names no slot; ``slot-died``; ``delivery``), or an
-      invalid body, or ``journal-unavailable`` (nothing was created); a bad selector is a usage
-      error (2)
+      not at its prompt, ``reset`` during a turn, idempotency key reused for another message, a
+      limit (``queue-full``, ``rate-limited``; nothing journaled), the journal cannot be written
+      (``journal-unavailable``: a full disk; nothing was journaled or typed; ``fleet ps`` and
+      ``fleet doctor`` say so; send again once it is fixed); ``send``: ``dead-letter`` (its TTL
+      ended before the slot was available); ``publish``: a task ``failed`` (``no-match``: the
+      selector names no slot; ``slot-died``; ``delivery``), or an invalid body,
+      ``journal-unavailable``, ``too-many-tasks`` or ``rate-limited`` (nothing was created); a
+      bad selector is a usage error (2)
 4     the router is not running or does not answer
 ====  =====================================================================================
 
@@ -131,9 +132,19 @@ def cmd_hook(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_router(args: argparse.Namespace) -> int:
-    import logging
+def _setup_logging(args: argparse.Namespace, fleet, fmt: str) -> None:
+    """The daemon's logging: ``--log-file`` rotated at the roster's ``bus.log_max_bytes`` ×
+    ``bus.log_backups`` (standard output and error included), else standard error."""
+    from fleetbus.logs import setup_logging
 
+    bus = fleet.roster.bus
+    try:
+        setup_logging(args.log_level, fmt, args.log_file, bus.log_max_bytes, bus.log_backups)
+    except OSError as e:
+        raise CliError(f"cannot open log file {args.log_file}: {e.strerror or e}", EXIT_USAGE) from None
+
+
+def cmd_router(args: argparse.Namespace) -> int:
     import anyio
 
     from fleetbus.router.server import Router, RouterAlreadyRunning, RouterBindError
@@ -143,7 +154,7 @@ def cmd_router(args: argparse.Namespace) -> int:
     notifier = ServiceNotifier()  # before anything is spawned: children must not inherit $NOTIFY_SOCKET
     fleet = _fleet(args)
     _paths(fleet)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _setup_logging(args, fleet, "%(asctime)s %(name)s %(levelname)s %(message)s")
     router = Router(fleet)
 
     async def main():
@@ -230,8 +241,6 @@ def cmd_holder(args: argparse.Namespace) -> int:
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
-    import logging
-
     import anyio
 
     from fleetbus.agents.sidecar import Sidecar
@@ -251,7 +260,7 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
             curve = (public, secret, load_public(args.router_key))
         except KeysError as e:
             raise CliError(str(e), EXIT_USAGE) from None
-    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s sidecar[{args.slot}] %(levelname)s %(message)s")
+    _setup_logging(args, fleet, f"%(asctime)s sidecar[{args.slot}] %(levelname)s %(message)s")
     anyio.run(Sidecar(fleet, args.slot, router=args.router, curve=curve).run, backend="asyncio")
     return EXIT_OK
 
@@ -489,9 +498,55 @@ def _read_journal(args: argparse.Namespace, fleet, read):
         j.close()
 
 
+def _prune_journal(args: argparse.Namespace, fleet) -> int:
+    """``fleet log --prune``: delete what finished more than ``--older-than`` days ago (default:
+    the roster's ``bus.retention_days``) and print what was removed."""
+    import datetime
+    import socket
+    import sqlite3
+    import time
+
+    from fleetbus.router.journal import Journal, JournalError
+
+    if args.slot is not None or args.id is not None:
+        raise CliError("--prune works on the whole journal; it takes no SLOT or --id", EXIT_USAGE)
+    days = fleet.roster.bus.retention_days if args.older_than is None else args.older_than
+    if args.older_than is None and days == 0:
+        raise CliError("bus.retention_days is 0 (keep everything): pass --older-than DAYS", EXIT_USAGE)
+    if not 0 <= days <= 36_500:
+        raise CliError(f"--older-than: expected 0 to 36500 days (got {days:g})", EXIT_USAGE)
+    path = _paths(fleet).journal
+    if not path.exists():
+        report = {"before": time.time() - days * 86400, "messages": 0, "tasks": 0, "changes": 0, "slot_events": 0,
+                  "bytes_before": 0, "bytes_after": 0}
+    else:
+        try:
+            j = Journal(path, tenant=fleet.tenant, host=socket.gethostname())
+        except JournalError as e:
+            raise CliError(str(e), EXIT_FAIL) from None
+        try:
+            report = j.prune(time.time() - days * 86400)
+        except sqlite3.Error as e:
+            raise CliError(f"cannot prune {path}: {e}", EXIT_FAIL) from None
+        finally:
+            j.close()
+    report = {"tenant_id": fleet.tenant, "journal": str(path), "older_than_days": days, **report}
+    if args.json:
+        _emit_json(report)
+        return EXIT_OK
+    when = datetime.datetime.fromtimestamp(report["before"]).strftime("%Y-%m-%d %H:%M:%S")
+    print(f"pruned {path}: what finished before {when} ({days:g} days): {report['messages']} messages and "
+          f"{report['tasks']} tasks (with their {report['changes']} state changes), {report['slot_events']} slot "
+          f"events; {report['bytes_before']:,} -> {report['bytes_after']:,} bytes")
+    return EXIT_OK
+
+
 def cmd_log(args: argparse.Namespace) -> int:
-    """History from the journal, read directly (works while the router is down)."""
+    """History from the journal, read directly (works while the router is down); ``--prune``
+    deletes what finished long ago."""
     fleet = _fleet(args)
+    if args.prune:
+        return _prune_journal(args, fleet)
     if args.slot is not None and args.slot not in fleet.slots:
         _slot_checked(fleet, args.slot)
     rows = _read_journal(args, fleet, lambda j: j.changes_of(args.id) if args.id else j.history(args.slot, args.lines))
@@ -891,6 +946,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("slot", nargs="?", default=None)
     p.add_argument("-n", "--lines", type=int, default=50, help="latest N records (default 50)")
     p.add_argument("--id", default=None, help="every change of one message")
+    p.add_argument("--prune", action="store_true",
+                   help="delete finished messages and tasks (with their changes) and old slot events from the "
+                        "journal, and print what was removed (unfinished ones are never deleted)")
+    p.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                   help="with --prune: what finished more than DAYS days ago (default: roster bus.retention_days)")
     p = add("tail", cmd_tail, "print the last lines of a slot's screen", True)
     p.add_argument("slot")
     p.add_argument("-n", "--lines", type=int, default=40)
@@ -911,6 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="seconds to wait for confirmation (default: roster bus.verify_timeout_s)")
     p = add("router", cmd_router, "run the router in the foreground")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-file", default=None, metavar="PATH",
+                   help="log to PATH, rotated at bus.log_max_bytes (default: standard error)")
     add("holder", cmd_holder, "hold the fleet's tmux server in the foreground (the systemd holder unit's process)")
     p = add("sidecar", cmd_sidecar, "run one slot's sidecar in the foreground")
     p.add_argument("slot")
@@ -921,6 +983,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this sidecar's secret key file (from `fleet keys create`)")
     p.add_argument("--router-key", default=None, metavar="FILE", help="the router's public key file (router.key)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-file", default=None, metavar="PATH",
+                   help="log to PATH, rotated at bus.log_max_bytes (default: standard error)")
     p = add("keys", cmd_keys, "CURVE keys of the tcp endpoint for remote sidecars: init (router keypair), create "
                               "NAME --slots A,B (a client keypair, allowed for those slots), list, revoke NAME (its live "
                               "connections are dropped)", True)

@@ -289,8 +289,10 @@ class Client:
         """The router's events (:class:`P.Event`), filtered by topic (``kinds``: ``heartbeat``,
         ``message``, ``task``, ``slot``, ``hook``) and ``slot``. Use as ``async with
         fleet.events(...) as ev: async for e in ev`` (live once entered: nothing published after
-        ``__aenter__`` returns is missed unless the subscriber falls 100,000 events behind,
-        which ``Event.seq`` gaps show), or iterate it directly (subscribes on first use)."""
+        ``__aenter__`` returns is missed unless the subscriber falls 100,000 events behind (its
+        own socket's queue; a process that stops reading altogether also loses what exceeds the
+        router's 1,000 per subscriber), which ``Event.seq`` gaps show), or iterate it directly
+        (subscribes on first use)."""
         return EventStream(self, kinds, slot)
 
     async def slot_op(self, kind: Literal["START", "STOP", "RESTART", "RESET", "INTERRUPT"], slot: str,

@@ -201,6 +201,25 @@ class BusConfig(_Model):
     ``task_wait_s`` (s) is how long a published task waits for a matching free slot before it is
     ``timed-out`` (code ``no-slot``); ``task_timeout_s`` (s) is how long an assigned task may take
     to reach ``done`` (the runtime's turn-complete signal) before it is ``timed-out``.
+
+    Limits (README "Limits"; each refusal has a stable code and journals nothing):
+
+    - ``max_queued_per_slot`` (messages, default 1000): messages waiting in the router's queue of
+      one slot (journaled, not yet typed or verified); a SEND beyond it is ``rejected`` with code
+      ``queue-full`` (CLI exit 3).
+    - ``max_open_tasks`` (tasks, default 1000): tasks not yet ``done``/``failed``/``timed-out``; a
+      PUBLISH that would exceed it fails with code ``too-many-tasks`` (CLI exit 3).
+    - ``send_rate`` (messages/s, default 100; 0: no limit) and ``send_burst`` (messages, default
+      1000): a token bucket per client process (the pid of the local peer, from its socket
+      credentials) for SEND and PUBLISH; beyond it a SEND is ``rejected`` with code
+      ``rate-limited`` and a PUBLISH fails with that code, the retry-after (s) in the detail.
+      A request whose idempotency key is already journaled is never refused by a limit.
+    - ``retention_days`` (days, default 30; 0: keep everything): finished messages and tasks
+      (and their state changes, and slot events but the latest of each kind per slot) last
+      changed longer ago are pruned from the journal when the router starts and then daily
+      (``fleet log --prune`` on demand). Unfinished ones are never pruned.
+    - ``log_max_bytes`` (bytes, default 10 MiB) and ``log_backups`` (files, default 3): the
+      router's and each sidecar's log file is rotated at that size, keeping that many older files.
     """
 
     heartbeat_ms: int = Field(1000, ge=50, le=60_000)
@@ -220,6 +239,14 @@ class BusConfig(_Model):
     # remote sidecars (fleetbus.router.auth): a second ROUTER socket with CURVE and an allow-list of
     # client keys (`fleet keys`); absent: no tcp listener
     tcp: TcpEndpoint | None = None
+    # limits (fleetbus.router.limits; README "Limits")
+    max_queued_per_slot: int = Field(1000, ge=1, le=1_000_000)
+    max_open_tasks: int = Field(1000, ge=1, le=1_000_000)
+    send_rate: float = Field(100.0, ge=0, le=1_000_000)  # messages/s per client process; 0: no limit
+    send_burst: int = Field(1000, ge=1, le=1_000_000)
+    retention_days: float = Field(30.0, ge=0, le=36_500)  # 0: never prune
+    log_max_bytes: int = Field(10 * 1024 * 1024, ge=4096, le=1024 ** 3)
+    log_backups: int = Field(3, ge=1, le=100)
 
     @model_validator(mode="after")
     def _backoff_order(self) -> "BusConfig":

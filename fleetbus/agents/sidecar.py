@@ -49,6 +49,7 @@ from fleetbus import protocol as P
 from fleetbus.adapters.base import tag_markers
 from fleetbus.agents.hook import EVENTS, payload_fields, spool_path
 from fleetbus.config import FleetConfig
+from fleetbus.logs import LogBudget
 from fleetbus.paths import FleetPaths, fleet_paths
 from fleetbus.router.procs import write_pidfile
 
@@ -60,8 +61,16 @@ BACKOFF_MAX_S = 8.0
 ACK_REPLAY_WINDOW_S = 120.0
 #: Most acks kept for replay.
 ACK_REPLAY_MAX = 5000
-#: Longest JSON line accepted on the hook stream socket (bytes).
-MAX_STREAM_LINE = 4 * 1024 * 1024
+#: Hook stream connections served at once per slot; another one is closed at once (an extension
+#: keeps one persistent connection).
+MAX_STREAM_CONNS = 16
+
+
+def stream_line_limit(max_body_bytes: int) -> int:
+    """Longest JSON line read on the hook stream socket (bytes): a prompt carries at most one
+    message (``bus.max_body_bytes``) that JSON escaping can double (``\n``, ``\"``), plus its tag,
+    a kickstart template and the other fields. A longer line is skipped; the connection stays."""
+    return 2 * max_body_bytes + 64 * 1024
 
 
 class FileFaults:
@@ -118,6 +127,10 @@ class Sidecar:
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
         self.welcomed = False
+        self.max_stream_line = stream_line_limit(fleet.roster.bus.max_body_bytes)
+        self.stream_conns = 0  # hook stream connections being served
+        self.stream_refused = 0  # connections closed at once: MAX_STREAM_CONNS were served
+        self._stream_log = LogBudget(window_s=60.0, burst=1)
         self._exit = anyio.Event()
 
     # -- socket --------------------------------------------------------------------------------
@@ -422,21 +435,48 @@ class Sidecar:
             await listener.serve(self._stream_client)
 
     async def _stream_client(self, conn: anyio.abc.ByteStream) -> None:
-        buf = b""
+        """Read JSON lines from one connection. At most MAX_STREAM_CONNS connections are served
+        at once (another is closed at once); a line longer than :attr:`max_stream_line` is
+        skipped up to its newline. Buffering is linear in the bytes received."""
+        if self.stream_conns >= MAX_STREAM_CONNS:
+            self.stream_refused += 1
+            if self._stream_log.allow("busy"):
+                log.warning("closed a hook stream connection: %d are served already (%d closed so far)",
+                            MAX_STREAM_CONNS, self.stream_refused)
+            await conn.aclose()
+            return
+        self.stream_conns += 1
+        buf = bytearray()
+        skipping = False  # inside a line over the limit: dropped up to its newline
         async with conn:
             try:
                 while True:
                     chunk = await conn.receive(65536)
-                    buf += chunk
-                    while b"\n" in buf:
-                        line, buf = buf.split(b"\n", 1)
-                        self._stream_line(line)
-                    if len(buf) > MAX_STREAM_LINE:
-                        log.warning("dropped hook stream connection: line over %d bytes", MAX_STREAM_LINE)
-                        return
+                    start = 0
+                    while (end := chunk.find(b"\n", start)) >= 0:
+                        if not skipping:
+                            buf += chunk[start:end]
+                            if len(buf) <= self.max_stream_line:
+                                self._stream_line(bytes(buf))
+                            else:
+                                self._long_line()
+                        buf.clear()
+                        skipping, start = False, end + 1
+                    if not skipping:
+                        buf += chunk[start:]
+                        if len(buf) > self.max_stream_line:
+                            self._long_line()
+                            buf.clear()
+                            skipping = True
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                if buf.strip():
-                    self._stream_line(buf)
+                if buf.strip() and not skipping:
+                    self._stream_line(bytes(buf))
+            finally:
+                self.stream_conns -= 1
+
+    def _long_line(self) -> None:
+        if self._stream_log.allow("long"):
+            log.warning("skipped a hook stream line over %d bytes", self.max_stream_line)
 
     def _stream_line(self, line: bytes) -> None:
         import json

@@ -22,7 +22,11 @@ also refuses (libzmq 4.3.5 lets NULL connections through when no handler is boun
 
 Refusals are counted (:attr:`PeerAuthenticator.refused_peers`: distinct peers;
 :attr:`refused_handshakes`: every refused handshake) and logged once per peer (uid and pid, or
-public key), so a peer that reconnects every 100 ms does not flood the log.
+public key), so a peer that reconnects every 100 ms does not flood the log; and at most
+:data:`LOG_BURST` refused peers of one kind (one ``reason``: a foreign uid, an unknown or
+revoked key, another mechanism) are logged per :data:`LOG_WINDOW_S` s, so a flood of fresh random
+keys does not either: the rest are summed up by :meth:`PeerAuthenticator.summary` ("refused K
+handshakes from M peers in the last 60 s"), which the router calls every few seconds.
 
 pyzmq's base class answers malformed requests; the NULL/uid and CURVE/key rules are a small
 override of ``handle_zap_message``: pyzmq's address allow-list matches whole address strings
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,6 +45,8 @@ import zmq
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.auth.base import VERSION
 from zmq.utils import z85
+
+from fleetbus.logs import LogBudget
 
 log = logging.getLogger("fleetbus.auth")
 
@@ -52,6 +59,9 @@ TCP_DOMAIN = "fleetbus-tcp"
 #: Distinct refused peers remembered for log-once; beyond this the memory is cleared (and a peer
 #: may be logged again) so a flood of new peers cannot grow it without bound.
 MAX_REMEMBERED = 4096
+#: Refused peers of one kind logged one by one per LOG_WINDOW_S seconds; the rest go in a summary.
+LOG_BURST = 5
+LOG_WINDOW_S = 60.0
 
 
 def peer_cred(address: str) -> tuple[int, int, int] | None:
@@ -89,12 +99,19 @@ class PeerAuthenticator(AsyncioAuthenticator):
     def __init__(self, context: zmq.Context, allow_uids: Iterable[int], keyring: Any = None,
                  key_names: Callable[[], dict[bytes, str]] | None = None):
         super().__init__(context, log=logging.getLogger("fleetbus.auth.zap"))
+        # pyzmq's own per-handshake lines (a missing allow-list folder is logged at every handshake)
+        self.log.addFilter(_BudgetFilter(LogBudget(LOG_WINDOW_S, LOG_BURST)))
         self.allow_uids = frozenset(allow_uids)
         self.keyring = keyring
         self.key_names = key_names
         self.refused_handshakes = 0
         self._refused: set[str] = set()
         self._refused_total = 0
+        self._log_budget = LogBudget(LOG_WINDOW_S, LOG_BURST)
+        self._window_start = time.monotonic()
+        self._window_handshakes = 0
+        self._window_peers: set[str] = set()
+        self._window_unlogged = 0
 
     @property
     def refused_peers(self) -> int:
@@ -103,13 +120,36 @@ class PeerAuthenticator(AsyncioAuthenticator):
 
     def _refuse(self, request_id: bytes, peer: str, why: str, reason: bytes) -> None:
         self.refused_handshakes += 1
+        self._window_handshakes += 1
+        if len(self._window_peers) < MAX_REMEMBERED:
+            self._window_peers.add(peer)
         if peer not in self._refused:
             if len(self._refused) >= MAX_REMEMBERED:
                 self._refused.clear()
             self._refused.add(peer)
             self._refused_total += 1
-            log.warning("refused %s: %s", peer, why)
+            if self._log_budget.allow(reason):  # at most LOG_BURST peers of this kind a window
+                log.warning("refused %s: %s", peer, why)
+            else:
+                self._window_unlogged += 1
         self._send_zap_reply(request_id, b"400", reason)
+        if time.monotonic() - self._window_start >= LOG_WINDOW_S:
+            self.summary()
+
+    def summary(self) -> None:
+        """When the current window (LOG_WINDOW_S s) has ended: log one line summing up its
+        refusals if some refused peers were not logged one by one, and start a new window."""
+        now = time.monotonic()
+        if now - self._window_start < LOG_WINDOW_S:
+            return
+        if self._window_unlogged:
+            peers = len(self._window_peers)
+            log.warning("refused %d handshake(s) from %s peer(s) in the last %.0f s (%d peer(s) not logged one "
+                        "by one; the HEALTH answer's refused_handshakes counts them all)", self._window_handshakes,
+                        f"{peers}+" if peers >= MAX_REMEMBERED else peers, now - self._window_start,
+                        self._window_unlogged)
+        self._window_start, self._window_handshakes, self._window_unlogged = now, 0, 0
+        self._window_peers = set()
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         """Answer one ZAP request: ``[version, request_id, domain, address, identity, mechanism,
@@ -165,3 +205,14 @@ def local_authenticator(context: zmq.Context, keyring: Any = None,
     """A :class:`PeerAuthenticator` that accepts this process's own uid on the local sockets and
     the keys of ``keyring`` (:class:`fleetbus.router.remote.Keyring`) on the tcp socket."""
     return PeerAuthenticator(context, [os.getuid()], keyring, key_names)
+
+
+class _BudgetFilter(logging.Filter):
+    """Lets through at most the budget's lines per log call site (logger and message template)."""
+
+    def __init__(self, budget: LogBudget):
+        super().__init__()
+        self.budget = budget
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.budget.allow((record.name, record.msg))

@@ -85,6 +85,7 @@ CREATE TABLE IF NOT EXISTS changes(
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_slot ON changes(slot, seq);
+CREATE INDEX IF NOT EXISTS changes_ref ON changes(ref);
 CREATE TABLE IF NOT EXISTS tasks(
     id TEXT PRIMARY KEY,
     grp TEXT,
@@ -111,6 +112,13 @@ TASK_OPEN_STATES = ("published", "assigned", "accepted")
 MAX_DEFERRED = 10_000
 
 log = logging.getLogger("fleetbus.journal")
+
+#: Final task states (:data:`fleetbus.protocol.TASK_FINAL`).
+TASK_FINAL_STATES = ("done", "failed", "timed-out")
+#: Rows deleted per transaction by :meth:`Journal.prune` (keeps the router's writes waiting briefly).
+PRUNE_BATCH = 500
+#: Largest WAL file kept after a checkpoint (bytes); beyond it the file is truncated.
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 class JournalError(RuntimeError):
@@ -233,7 +241,11 @@ class Journal:
                 self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
                 self.path.chmod(0o600)
+                # a new journal frees the pages of pruned rows back to the file system (no effect on an
+                # existing one: it reuses them; see prune)
+                self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")
                 self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
                 self.db.execute("PRAGMA synchronous=FULL")
                 self.db.executescript(_SCHEMA)
             self.db.execute("PRAGMA busy_timeout=5000")
@@ -580,3 +592,90 @@ class Journal:
         with self._lock:
             rows = self.db.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
         return [self._record(r) for r in reversed(rows)]
+
+    # -- retention -------------------------------------------------------------------------------
+
+    def prune(self, before: float, batch: int = PRUNE_BATCH) -> dict[str, Any]:
+        """Delete what finished before ``before`` (Unix s): messages in a final state
+        (:data:`FINAL_STATES`) and tasks in a final state (:data:`TASK_FINAL_STATES`) last
+        changed before it, with all their state changes, and slot events older than it except
+        the latest of each event per slot (the supervisor reads them: an operator ``stopped``
+        stays stopped). Unfinished messages and tasks, and a message an unfinished task refers
+        to, are never deleted. Works in transactions of ``batch`` rows, so a router writing at
+        the same time waits at most one batch. A journal created with incremental auto-vacuum
+        (every journal created by this version) gives the freed pages back to the file system;
+        an older one keeps them for new rows (its file stops growing but does not shrink).
+
+        Returns ``{"before", "messages", "tasks", "changes", "slot_events", "bytes_before",
+        "bytes_after"}`` (counts of deleted rows; ``changes`` counts the messages' and tasks'
+        state changes; sizes of the database file plus its WAL).
+
+        Raises:
+            sqlite3.Error: the journal cannot be written (read-only, disk full); what was already
+                deleted stays deleted (every batch is a complete transaction).
+        """
+        out: dict[str, Any] = {"before": before, "messages": 0, "tasks": 0, "changes": 0, "slot_events": 0,
+                               "bytes_before": self.size_bytes()}
+        final = ",".join("?" * len(FINAL_STATES))
+        task_final = ",".join("?" * len(TASK_FINAL_STATES))
+        task_open = ",".join("?" * len(TASK_OPEN_STATES))
+        pick_messages = (f"SELECT id FROM messages WHERE state IN ({final}) AND updated < ? AND id NOT IN "
+                         f"(SELECT message_id FROM tasks WHERE state IN ({task_open}) AND message_id IS NOT NULL) "
+                         "LIMIT ?", (*FINAL_STATES, before, *TASK_OPEN_STATES))
+        pick_tasks = (f"SELECT id FROM tasks WHERE state IN ({task_final}) AND updated < ? LIMIT ?",
+                      (*TASK_FINAL_STATES, before))
+        for table, kind, (sql, args) in (("messages", "message", pick_messages), ("tasks", "task", pick_tasks)):
+            while True:
+                with self._lock:
+                    self.db.execute("BEGIN IMMEDIATE")
+                    try:
+                        ids = [r[0] for r in self.db.execute(sql, (*args, batch)).fetchall()]
+                        if ids:
+                            marks = ",".join("?" * len(ids))
+                            out["changes"] += self.db.execute(
+                                f"DELETE FROM changes WHERE ref IN ({marks}) AND kind=?", (*ids, kind)).rowcount
+                            out[table] += self.db.execute(f"DELETE FROM {table} WHERE id IN ({marks})", ids).rowcount
+                    except BaseException:
+                        self.db.execute("ROLLBACK")
+                        raise
+                    self.db.execute("COMMIT")
+                if len(ids) < batch:
+                    break
+        with self._lock:  # a read: WAL readers never wait for the router
+            old_events = [r[0] for r in self.db.execute(
+                "SELECT seq FROM changes WHERE kind='slot' AND at < ? AND seq NOT IN "
+                "(SELECT MAX(seq) FROM changes WHERE kind='slot' GROUP BY slot, state)", (before,)).fetchall()]
+        for i in range(0, len(old_events), batch):
+            chunk = old_events[i:i + batch]
+            self._write([(f"DELETE FROM changes WHERE seq IN ({','.join('?' * len(chunk))})", tuple(chunk))])
+            out["slot_events"] += len(chunk)
+        self._give_back_pages()
+        out["bytes_after"] = self.size_bytes()
+        return out
+
+    def _give_back_pages(self, pages: int = 500) -> None:
+        """Return free pages to the file system (incremental auto-vacuum only; ``pages`` per
+        transaction), then checkpoint the WAL so the database file really shrinks."""
+        with self._lock:
+            incremental = self.db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        while incremental:
+            with self._lock:
+                free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+                if not free:
+                    break
+                # through sqlite3_exec: the sqlite3 module's execute() steps this pragma once (one page)
+                self.db.executescript(f"PRAGMA incremental_vacuum({min(free, pages)});")
+            if free <= pages:
+                break
+        with self._lock:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def size_bytes(self) -> int:
+        """Bytes on disk of the journal: the database file and its WAL."""
+        total = 0
+        for p in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                total += p.stat().st_size
+            except OSError:
+                pass
+        return total

@@ -141,7 +141,8 @@ class MessagePath(Evidence, JournalGuard):
         ``detach`` the answer is ``queued`` at once, otherwise the first of: the final result,
         ``queued`` held by the runtime (``wait="queued"``), ``queued`` held by fleetbus (the slot is
         not available and ``when="available"``). Never raises for a refused message; one that
-        cannot be journaled is ``rejected`` (``journal-unavailable``, ``journaled`` false)."""
+        cannot be journaled is ``rejected`` (``journal-unavailable``, ``journaled`` false), and a
+        SEND over ``bus.max_queued_per_slot`` is ``rejected``/``queue-full`` and is not journaled."""
         t0 = time.monotonic()
         slot = self.fleet.slots.get(req.to)
         max_bytes = self.fleet.roster.bus.max_body_bytes
@@ -149,6 +150,8 @@ class MessagePath(Evidence, JournalGuard):
         body = req.body
         if slot is None:
             problem = ("unknown-slot", f"unknown slot {req.to!r}; roster slots: {', '.join(self.fleet.slots) or '(none)'}")
+        elif (full := self.limits.queue_full(req, t0)) is not None:  # bus.max_queued_per_slot; not journaled
+            return full
         else:
             try:
                 body = P.check_body(req.body, max_bytes)

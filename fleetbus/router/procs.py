@@ -1,7 +1,8 @@
 """Starting and stopping fleetbus's own background processes (router, sidecars) by pid.
 
 Processes are started in their own session (``setsid``) so they outlive the command that
-started them, with output appended to a log under the state dir. They are found again through
+started them, with output appended to a log under the state dir (until the process takes its log
+over with ``--log-file``: rotated, standard output and error included; :mod:`fleetbus.logs`). They are found again through
 pid files, checked against the live process table (pid and command line) so a reused pid is
 never mistaken for ours, and stopped by pid, never by name.
 """
@@ -67,11 +68,14 @@ def sidecar_pid(paths: FleetPaths, slot: str) -> int | None:
 
 
 def spawn_router(fleet: FleetConfig, paths: FleetPaths) -> int:
-    return spawn(_fleet_argv(fleet, "router"), paths.router_log)
+    """Start ``fleet router``; it rotates its own log (``--log-file``: ``bus.log_max_bytes``)."""
+    return spawn(_fleet_argv(fleet, "router", "--log-file", str(paths.router_log)), paths.router_log)
 
 
 def spawn_sidecar(fleet: FleetConfig, paths: FleetPaths, slot: str) -> int:
-    return spawn(_fleet_argv(fleet, "sidecar", slot), paths.sidecar_log(slot))
+    """Start ``fleet sidecar SLOT``; it rotates its own log like the router."""
+    log = paths.sidecar_log(slot)
+    return spawn(_fleet_argv(fleet, "sidecar", slot, "--log-file", str(log)), log)
 
 
 def stop_pid(pid: int, timeout: float = 5.0) -> bool:

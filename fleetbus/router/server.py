@@ -30,12 +30,14 @@ from pydantic import BaseModel
 from fleetbus import protocol as P
 from fleetbus.adapters import HOOK_COMMAND, get_adapter
 from fleetbus.config import FleetConfig, Slot
+from fleetbus.logs import LogBudget
 from fleetbus.paths import FleetPaths, fleet_paths
 from fleetbus.router import procs
 from fleetbus.router.auth import (EVENTS_DOMAIN, LOCAL_DOMAIN, TCP_DOMAIN, PeerAuthenticator, local_authenticator,
                                   protect)
 from fleetbus.router.delivery import Delivery, SlotQueue
 from fleetbus.router.journal import Journal
+from fleetbus.router.limits import Limits, client_of
 from fleetbus.router.liveness import Addr, LivenessTable
 from fleetbus.router.messages import MessagePath, _Waiter
 from fleetbus.router.remote import Keyring, RemotePeers
@@ -47,8 +49,12 @@ from fleetbus.transports.base import LaunchSpec, SlotNotFound, Transport, Transp
 
 log = logging.getLogger("fleetbus.router")
 
-#: Events the PUB socket queues per subscriber before it drops (SNDHWM); ``Event.seq`` shows gaps.
-EVENTS_HWM = 100_000
+#: Events the PUB socket queues per subscriber before it drops that subscriber's events (SNDHWM);
+#: ``Event.seq`` shows the gaps. A fleetbus client's own SUB socket drains the router's queue into
+#: its process (RCVHWM 100,000), so only a subscriber that stopped reading altogether reaches this:
+#: 20 such subscribers and 100,000 events grew a router by 272 MB at 100,000 (never given back),
+#: 50,000 events by 1.6 MB at 1,000.
+EVENTS_HWM = 1000
 
 #: Request kinds the router answers with ``bad-request`` when their frame does not validate.
 CLIENT_KINDS = ("SEND", "PUBLISH", "TASK", "PS", "START", "STOP", "RESTART", "RESET", "INTERRUPT", "HEALTH", "SHUTDOWN",
@@ -172,6 +178,9 @@ class Router(MessagePath, SlotOps):
         # after the slot event is published: subscribers see the cause before the task's end
         self.supervisor.event_listeners.append(self.tasks.on_slot_event)
         self.event_seq = 0
+        #: queue-full and rate-limited refusals, journal retention, housekeeping (a task of serve)
+        self.limits = Limits(self)
+        self._unreachable_log = LogBudget(window_s=60.0, burst=5)
 
     # -- startup / shutdown --------------------------------------------------------------------
 
@@ -323,6 +332,7 @@ class Router(MessagePath, SlotOps):
                 tg.start_soon(self._sweeper)
                 tg.start_soon(self.supervisor.run)
                 tg.start_soon(self.tasks.run)
+                tg.start_soon(self.limits.run)
                 if ready is not None:
                     ready.set()
                 await self._stop.wait()
@@ -379,7 +389,9 @@ class Router(MessagePath, SlotOps):
                 await sock.send_multipart([addr.rid, P.encode(msg)], flags=zmq.DONTWAIT)
             return True
         except zmq.ZMQError as e:
-            log.warning("cannot send %s to %s: %s", type(msg).__name__, addr, e)
+            # a client that left before its answer: at most 5 lines a minute per kind of failure
+            if self._unreachable_log.allow((type(msg).__name__, e.errno)):
+                log.warning("cannot send %s to %s: %s", type(msg).__name__, addr, e)
             return False
 
     def publish(self, topic: str, slot: str | None = None, **data: Any) -> None:
@@ -442,21 +454,15 @@ class Router(MessagePath, SlotOps):
 
     async def _read_socket(self, via: str, sock: zmq.asyncio.Socket) -> None:
         tcp = via == "tcp"
-        identity: str | None = None
         while True:
-            if tcp:  # the ZAP User-Id (key:NAME) of the connection each frame came on
-                parts = await sock.recv_multipart(copy=False)
-                identity = parts[-1].get("User-Id")
-                frames = [f.bytes for f in parts]
-            else:
-                frames = await sock.recv_multipart()
+            frames = await sock.recv_multipart(copy=False)  # Frames: their metadata names the peer (pid, key)
             if len(frames) != 2:
                 self.dropped_frames += 1
                 log.warning("dropped frame with %d parts (%s)", len(frames), via)
                 continue
-            addr = Addr(via, frames[0])
+            addr = Addr(via, frames[0].bytes)
             try:
-                msg = P.decode(frames[1])
+                msg = P.decode(frames[1].bytes)
             except P.ProtocolError as e:
                 self.dropped_frames += 1
                 log.warning("dropped malformed frame from %s: %s", addr, e)
@@ -466,7 +472,8 @@ class Router(MessagePath, SlotOps):
                                                                    error=str(e)))
                 continue
             try:
-                self._dispatch(addr, msg, identity)
+                # tcp: the ZAP User-Id (key:NAME) of the connection the frame came on
+                self._dispatch(addr, msg, frames[1], frames[1].get("User-Id") if tcp else None)
             except Exception as e:  # a handler bug must never take the reader down (logged once a minute)
                 self.dropped_frames += 1
                 self.failures.exception(f"handler:{type(msg).__name__}:{type(e).__name__}", "handler failed for %s",
@@ -475,8 +482,9 @@ class Router(MessagePath, SlotOps):
     #: Frames a peer of the tcp socket may send: remote peers are sidecars, never clients.
     SIDECAR_FRAMES = (P.Hello, P.Ping, P.Ack, P.Bye, P.HookEvent)
 
-    def _dispatch(self, addr: Addr, msg: Any, identity: str | None = None) -> None:
-        """Handle one decoded frame from ``addr`` (socket + routing id); ``identity``: the ZAP
+    def _dispatch(self, addr: Addr, msg: Any, frame: Any = None, identity: str | None = None) -> None:
+        """Handle one decoded frame from ``addr`` (socket + routing id); ``frame`` is the received
+        zmq Frame (its metadata names the client for the send rate limit); ``identity``: the ZAP
         User-Id of a tcp frame (``key:NAME``)."""
         tg = self._tg
         if addr.via != "ipc":
@@ -516,9 +524,11 @@ class Router(MessagePath, SlotOps):
                 self.table.remove(addr)
                 self.publish("heartbeat", peer.slot, state="gone")
         elif isinstance(msg, P.SendRequest):
-            tg.start_soon(self._answer, addr, msg.req, self.handle_send(msg))
+            tg.start_soon(self._answer, addr, msg.req,
+                          self.limits.admit(msg, client_of(frame, addr.rid), self.handle_send))
         elif isinstance(msg, P.PublishRequest):
-            tg.start_soon(self._answer, addr, msg.req, self.handle_publish(msg))
+            tg.start_soon(self._answer, addr, msg.req,
+                          self.limits.admit(msg, client_of(frame, addr.rid), self.handle_publish))
         elif isinstance(msg, P.TaskRequest):
             tg.start_soon(self._answer, addr, msg.req, self.handle_task(msg))
         elif isinstance(msg, P.PsRequest):
@@ -621,6 +631,9 @@ class Router(MessagePath, SlotOps):
             "task_wait_s": bus.task_wait_s, "task_timeout_s": bus.task_timeout_s,
             "tasks": {"open": len(self.tasks.tasks), "waiting": len(self.tasks.pending)},
             "journal": self.journal_health(),
+            # fleetbus.router.limits: refusals per code (queue-full, rate-limited, too-many-tasks)
+            "refused": dict(self.limits.refused),
+            "queued": {name: len(q.items) for name, q in self.queues.items() if q.items},
         }
 
     async def handle_ps(self) -> list[dict[str, Any]]:

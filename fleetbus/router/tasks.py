@@ -263,7 +263,8 @@ class Dispatcher:
 
         Raises:
             RequestError: ``bad-selector``, ``invalid-body``, ``invalid-kickstart``,
-                ``journal-unavailable`` (the journal cannot be written) (nothing is journaled then).
+                ``journal-unavailable`` (the journal cannot be written), ``too-many-tasks``
+                (``bus.max_open_tasks`` tasks are open) (nothing is journaled then).
         """
         from fleetbus.router.server import RequestError
 
@@ -285,6 +286,9 @@ class Dispatcher:
         options = {"wait_s": wait_s, "timeout_s": req.timeout_s or bus.task_timeout_s,
                    "allow_busy": req.allow_busy, "kickstart": req.kickstart, "attempt": 0}
         names, why = self.matching(sel)
+        full = self.router.limits.too_many_tasks(req, len(self.tasks), len(names) if sel.kind == "all" and names else 1)
+        if full is not None:
+            raise RequestError("too-many-tasks", full)
         now = time.time()
         common = dict(selector=sel.text, body=body, sender=req.sender, created=now, deadline=now + wait_s)
         if sel.kind == "all" and names:
