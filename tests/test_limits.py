@@ -30,6 +30,7 @@ from fleetbus.paths import fleet_paths
 from fleetbus.router.journal import Journal, MessageRecord, TaskRecord
 from fleetbus.router.server import RequestError, Router
 from fleetbus.transports.memory import MemoryPane, MemoryTransport
+from fleetbus.router.remote import Keyring
 
 
 def integration(fn):
@@ -558,7 +559,7 @@ def test_refusals_of_one_kind_are_logged_five_a_minute_then_summed_up(tmp_path, 
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     ctx = zmq.Context()
-    az = A.PeerAuthenticator(ctx, [os.getuid()], allowed)
+    az = A.PeerAuthenticator(ctx, [os.getuid()], Keyring(allowed))
     az._send_zap_reply = lambda *a, **kw: None
     try:
         with caplog.at_level("WARNING", logger="fleetbus.auth"):
@@ -594,7 +595,7 @@ def test_refused_handshakes_from_random_keys_write_a_bounded_number_of_log_lines
 
     port = _free_port()
     fe = make_fleet(_roster("hs", f"{{heartbeat_ms: 200, tcp: 'tcp://127.0.0.1:{port}'}}"))
-    keys.create_client(fe.paths, "box")
+    keys.create_client(fe.paths, "box", ["a"])
     fe.up()
     router_key = keys.load_public(keys.router_files(fe.paths)[0]).decode()
     t0 = time.monotonic()
