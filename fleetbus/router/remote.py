@@ -29,12 +29,19 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import zmq
+import zmq.asyncio
+
 from fleetbus.keys import Binding, allowed_bindings
+from fleetbus.router.auth import TCP_DOMAIN, protect
 
 log = logging.getLogger("fleetbus.router")
 
 #: Seconds after which the allow-list is read again even when its folder's mtime did not change.
 RELOAD_S = 2.0
+#: Seconds a fresh tcp socket keeps trying to bind the endpoint the dropped one held.
+TCP_REBIND_S = 5.0
 #: Distinct refusals remembered for log-once; beyond this the memory is cleared.
 MAX_REMEMBERED = 1024
 
@@ -150,3 +157,80 @@ class RemotePeers:
     def revoked_peers(self, peers: Iterable[Any]) -> list[Any]:
         """The tcp peers among ``peers`` whose key may no longer serve their slot."""
         return [p for p in peers if p.via == "tcp" and self.unbound(p) is not None]
+
+
+class TcpEndpoint:
+    """Mixin of :class:`fleetbus.router.server.Router`: its ``bus.tcp`` socket, which it binds,
+    reads (``_read_socket``), drops and binds again, and the KEYS request. Uses the router's
+    ``fleet``, ``paths``, ``table``, ``remote``, ``tcp_sock``, ``_tcp_scope``, ``publish`` and
+    ``_router_socket``."""
+
+    def _tcp_socket(self) -> zmq.asyncio.Socket:
+        """A bound CURVE ROUTER socket on ``bus.tcp``. No ``ROUTER_HANDOVER`` here: a peer can never
+        take over another connection's routing id (remote sidecars let the router pick theirs).
+
+        Raises:
+            zmq.ZMQError: the endpoint cannot be bound. fleetbus.keys.KeysError: bad router key.
+        """
+        from fleetbus import keys
+
+        tcp = self.fleet.roster.bus.tcp
+        sock = self._router_socket()
+        try:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
+            public, secret = keys.router_keypair(self.paths)
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            sock.setsockopt(zmq.IPV6, 1 if tcp.startswith("tcp://[") else 0)
+            protect(sock, TCP_DOMAIN)
+            sock.bind(tcp)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return sock
+
+    async def _serve_tcp(self) -> None:
+        """The tcp socket's reader. :meth:`drop_tcp` cancels it: the socket is closed, which drops
+        every tcp connection, and a fresh one is bound on the same endpoint (remote sidecars
+        reconnect and register again)."""
+        while True:
+            with anyio.CancelScope() as self._tcp_scope:
+                await self._read_socket("tcp", self.tcp_sock)
+            old, self.tcp_sock = self.tcp_sock, None
+            if old is not None:
+                old.close(linger=0)
+            deadline = time.monotonic() + TCP_REBIND_S
+            while self.tcp_sock is None:
+                try:
+                    self.tcp_sock = self._tcp_socket()
+                except zmq.ZMQError as e:  # the old listener may take a moment to let go of the port
+                    if time.monotonic() > deadline:
+                        log.error("cannot listen on bus.tcp again after dropping its connections: %s", e)
+                        return
+                    await anyio.sleep(0.05)
+            log.info("tcp connections dropped; listening again on %s", self.fleet.roster.bus.tcp)
+
+    def drop_tcp(self, why: str) -> None:
+        """Drop every connection of the tcp socket now (see :meth:`_serve_tcp`)."""
+        if self._tcp_scope is not None and not self._tcp_scope.cancel_called:
+            log.warning("dropping every tcp connection: %s", why)
+            self._tcp_scope.cancel()
+
+    def _drop_revoked(self) -> list[dict[str, Any]]:
+        """Remove the tcp peers whose key was revoked or unbound from their slot and drop their
+        connections. Returns ``[{"slot", "key"}]`` of the peers removed."""
+        gone = self.remote.revoked_peers(list(self.table.peers.values()))
+        for peer in gone:
+            self.table.remove(peer.addr)
+            self.publish("heartbeat", peer.slot, state="gone", reason="key revoked")
+        if gone:
+            self.drop_tcp(f"key(s) {', '.join(sorted({str(p.identity) for p in gone}))} revoked")
+        return [{"slot": p.slot, "key": (p.identity or "")[4:]} for p in gone]
+
+    async def handle_keys(self) -> dict[str, Any]:
+        """KEYS: read the allow-list again now and drop the live connections of keys that may no
+        longer serve their slot (``fleet keys revoke`` asks this). Returns ``{"dropped": [{"slot",
+        "key"}], "keys": number of allowed keys}``."""
+        self.remote.keyring.refresh()
+        return {"dropped": self._drop_revoked(), "keys": len(self.remote.keyring.by_key)}

@@ -33,14 +33,14 @@ from fleetbus.config import FleetConfig, Slot
 from fleetbus.logs import LogBudget
 from fleetbus.paths import FleetPaths, fleet_paths
 from fleetbus.router import procs
-from fleetbus.router.auth import (EVENTS_DOMAIN, LOCAL_DOMAIN, TCP_DOMAIN, PeerAuthenticator, local_authenticator,
+from fleetbus.router.auth import (EVENTS_DOMAIN, LOCAL_DOMAIN, PeerAuthenticator, local_authenticator,
                                   protect)
 from fleetbus.router.delivery import Delivery, SlotQueue
 from fleetbus.router.journal import Journal
 from fleetbus.router.limits import Limits, client_of
 from fleetbus.router.liveness import Addr, LivenessTable
 from fleetbus.router.messages import MessagePath, _Waiter
-from fleetbus.router.remote import Keyring, RemotePeers
+from fleetbus.router.remote import Keyring, RemotePeers, TcpEndpoint
 from fleetbus.router.slotops import RequestError, SlotOps  # RequestError: tasks and tests import it from here
 from fleetbus.router.status import Beat, collect_status
 from fleetbus.router.supervisor import Supervisor
@@ -59,8 +59,7 @@ EVENTS_HWM = 1000
 #: Request kinds the router answers with ``bad-request`` when their frame does not validate.
 CLIENT_KINDS = ("SEND", "PUBLISH", "TASK", "PS", "START", "STOP", "RESTART", "RESET", "INTERRUPT", "HEALTH", "SHUTDOWN",
                 "KEYS")
-#: Seconds a fresh tcp socket keeps trying to bind the endpoint the dropped one held.
-TCP_REBIND_S = 5.0
+
 
 
 class RouterAlreadyRunning(RuntimeError):
@@ -132,7 +131,7 @@ def make_transport(fleet: FleetConfig, paths: FleetPaths, long_lived: bool = Fal
     return cls()
 
 
-class Router(MessagePath, SlotOps):
+class Router(MessagePath, SlotOps, TcpEndpoint):
     """The router of one tenant.
 
     Args:
@@ -252,31 +251,6 @@ class Router(MessagePath, SlotOps):
                 raise RouterBindError(f"cannot listen on bus.tcp {tcp}: {e}") from None
             log.info("remote sidecars on %s (CURVE; router key %s, allow-list %s)", tcp,
                      keys.router_files(self.paths)[0], keys.allowed_dir(self.paths))
-
-    def _tcp_socket(self) -> zmq.asyncio.Socket:
-        """A bound CURVE ROUTER socket on ``bus.tcp``. No ``ROUTER_HANDOVER`` here: a peer can never
-        take over another connection's routing id (remote sidecars let the router pick theirs).
-
-        Raises:
-            zmq.ZMQError: the endpoint cannot be bound. fleetbus.keys.KeysError: bad router key.
-        """
-        from fleetbus import keys
-
-        tcp = self.fleet.roster.bus.tcp
-        sock = self._router_socket()
-        try:
-            sock.setsockopt(zmq.ROUTER_HANDOVER, 0)
-            public, secret = keys.router_keypair(self.paths)
-            sock.setsockopt(zmq.CURVE_SERVER, 1)
-            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-            sock.setsockopt(zmq.IPV6, 1 if tcp.startswith("tcp://[") else 0)
-            protect(sock, TCP_DOMAIN)
-            sock.bind(tcp)
-        except BaseException:
-            sock.close(linger=0)
-            raise
-        return sock
 
     async def start_fleet(self) -> None:
         """Start the transport, every slot that is missing, and every missing sidecar.
@@ -413,44 +387,6 @@ class Router(MessagePath, SlotOps):
             tg.start_soon(self._read_socket, "ipc", self.sock)
             if self.tcp_sock is not None:
                 tg.start_soon(self._serve_tcp)
-
-    async def _serve_tcp(self) -> None:
-        """The tcp socket's reader. :meth:`drop_tcp` cancels it: the socket is closed, which drops
-        every tcp connection, and a fresh one is bound on the same endpoint (remote sidecars
-        reconnect and register again)."""
-        while True:
-            with anyio.CancelScope() as self._tcp_scope:
-                await self._read_socket("tcp", self.tcp_sock)
-            old, self.tcp_sock = self.tcp_sock, None
-            if old is not None:
-                old.close(linger=0)
-            deadline = time.monotonic() + TCP_REBIND_S
-            while self.tcp_sock is None:
-                try:
-                    self.tcp_sock = self._tcp_socket()
-                except zmq.ZMQError as e:  # the old listener may take a moment to let go of the port
-                    if time.monotonic() > deadline:
-                        log.error("cannot listen on bus.tcp again after dropping its connections: %s", e)
-                        return
-                    await anyio.sleep(0.05)
-            log.info("tcp connections dropped; listening again on %s", self.fleet.roster.bus.tcp)
-
-    def drop_tcp(self, why: str) -> None:
-        """Drop every connection of the tcp socket now (see :meth:`_serve_tcp`)."""
-        if self._tcp_scope is not None and not self._tcp_scope.cancel_called:
-            log.warning("dropping every tcp connection: %s", why)
-            self._tcp_scope.cancel()
-
-    def _drop_revoked(self) -> list[dict[str, Any]]:
-        """Remove the tcp peers whose key was revoked or unbound from their slot and drop their
-        connections. Returns ``[{"slot", "key"}]`` of the peers removed."""
-        gone = self.remote.revoked_peers(list(self.table.peers.values()))
-        for peer in gone:
-            self.table.remove(peer.addr)
-            self.publish("heartbeat", peer.slot, state="gone", reason="key revoked")
-        if gone:
-            self.drop_tcp(f"key(s) {', '.join(sorted({str(p.identity) for p in gone}))} revoked")
-        return [{"slot": p.slot, "key": (p.identity or "")[4:]} for p in gone]
 
     async def _read_socket(self, via: str, sock: zmq.asyncio.Socket) -> None:
         tcp = via == "tcp"
@@ -603,13 +539,6 @@ class Router(MessagePath, SlotOps):
 
     async def handle_task(self, msg: P.TaskRequest) -> list[dict[str, Any]]:
         return [r.model_dump() for r in await self.tasks.query(msg)]
-
-    async def handle_keys(self) -> dict[str, Any]:
-        """KEYS: read the allow-list again now and drop the live connections of keys that may no
-        longer serve their slot (``fleet keys revoke`` asks this). Returns ``{"dropped": [{"slot",
-        "key"}], "keys": number of allowed keys}``."""
-        self.remote.keyring.refresh()
-        return {"dropped": self._drop_revoked(), "keys": len(self.remote.keyring.by_key)}
 
     async def handle_health(self, probe: str | None = None) -> dict[str, Any]:
         if probe is not None:
