@@ -4,7 +4,8 @@ Rules (checked against tmux 3.3a):
 
 - Every call is ``tmux -u -L <socket> -f /dev/null ...``: our own named server, never the
   user's default server or their ``~/.tmux.conf``; ``kill-server`` is only ever sent here.
-- A ``_holder`` session owns the server, so stopping every slot never ends the server.
+- A ``_holder`` session owns the server, so stopping every slot never ends the server. Its
+  pane runs ``sleep`` alone (:data:`HOLDER_ARGV`), which the server's exit ends (SIGHUP).
 - Targets are always exact: ``=<session>:0.0``. tmux turns ``.`` and ``:`` in session names
   into ``_``, so a slot ``a.b`` lives in session ``a,b`` (``,`` is outside the slot alphabet,
   so the mapping is one-to-one and ``a.b`` never meets ``a_b``).
@@ -35,6 +36,14 @@ from fleetbus.adapters.base import SubmitProfile
 from fleetbus.transports.base import LaunchSpec, PaneInfo, Screen, SlotDead, SlotNotFound, TransportError
 
 HOLDER = "_holder"
+#: The ``_holder`` pane's program: exec'd by tmux directly (two or more arguments: no shell),
+#: so it is the pane's session leader and nothing else. When the server exits (``kill-server``)
+#: the pane's terminal is hung up and the kernel sends it SIGHUP, which ends it (tmux resets the
+#: pane's signal dispositions, so an ignored SIGHUP of whoever started the server is not
+#: inherited; checked on tmux 3.3a). A shell that waits for a foreground ``sleep`` would run its
+#: SIGHUP trap only when that ``sleep`` ends, and both would outlive the server. 2147483647 s
+#: (68 years) rather than ``infinity``: every ``sleep`` (GNU, busybox, BSD) accepts it.
+HOLDER_ARGV = ("sleep", "2147483647")
 _FIELDS = (
     "#{session_name}\t#{window_index}\t#{pane_index}\t#{pane_pid}\t#{pane_current_command}"
     "\t#{pane_dead}\t#{pane_dead_status}\t#{window_activity}\t#{pane_dead_signal}\t#{pane_dead_time}"
@@ -272,8 +281,7 @@ class TmuxTransport:
             return
         try:
             await self._run(
-                "new-session", "-d", "-s", HOLDER, "-x", "80", "-y", "24", "--", "sh", "-c",
-                "trap 'exit 0' TERM HUP; while :; do sleep 3600; done",
+                "new-session", "-d", "-s", HOLDER, "-x", "80", "-y", "24", "--", *HOLDER_ARGV,
                 ";", "set-option", "-g", "remain-on-exit", "on",
                 ";", "set-option", "-g", "history-limit", "5000",
                 ";", "set-option", "-g", "default-size", f"{self.width}x{self.height}",
@@ -283,6 +291,24 @@ class TmuxTransport:
         except TransportError as e:
             if "duplicate session" not in str(e) or not await self.server_alive():
                 raise
+
+    async def processes(self) -> dict[int, str]:
+        """This fleet's tmux server and every pane's program: ``{pid: role}`` with roles
+        ``tmux-server``, ``pane <session>`` (e.g. ``pane _holder``, ``pane a,b``) and, for a
+        pane whose program exited (``remain-on-exit``), ``dead pane <session>`` (that pid may
+        already be reused; it still names the pane's session, see :mod:`fleetbus.reap`). One
+        ``list-panes -a`` call; ``{}`` when no server answers. Each pane program leads its own
+        session (tmux calls ``setsid``)."""
+        out = await self._run("list-panes", "-a", "-F", "#{pid}\t#{pane_pid}\t#{pane_dead}\t#{session_name}",
+                              check=False)
+        found: dict[int, str] = {}
+        for line in out.splitlines():
+            server, pane, dead, session = (line.split("\t", 3) + ["", "", ""])[:4]
+            if server.isdigit():
+                found.setdefault(int(server), "tmux-server")
+            if pane.isdigit():
+                found.setdefault(int(pane), f"{'dead pane' if dead == '1' else 'pane'} {session}")
+        return found
 
     async def server_pid(self) -> int | None:
         """Pid of this fleet's tmux server, or None when none answers on the socket."""
