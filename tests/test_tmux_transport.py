@@ -8,6 +8,7 @@ import tempfile
 
 import anyio
 import pytest
+import psutil
 from conftest import assert_no_processes_left, needs_tmux, wait_for
 
 from fleetbus import reap
@@ -114,3 +115,48 @@ def test_holder_and_slot_programs_end_with_their_server(scratch):
     recorded = run(main)
     left = reap.wait_gone(recorded, 10)
     assert left == [], f"outlived kill-server: {left}"
+
+
+_KILLED_OWNER = """
+import sys, anyio
+from fleetbus.transports.tmux import TmuxTransport
+
+async def main():
+    t = TmuxTransport(sys.argv[1], control=True)
+    await t.ensure_server()
+    await t.probe_all()  # through the control client
+    # ~5 MB of answers this process never reads: the pipe fills and tmux keeps the rest
+    with anyio.move_on_after(10):
+        await t._ctl.proc.stdin.send(b"display-message -p '#{l:" + b"x" * 1000 + b"}'\\n" * 5000)
+    print(t._ctl.proc.pid, flush=True)
+    await anyio.sleep(600)
+
+anyio.run(main, backend="asyncio")
+"""
+
+
+def test_control_client_dies_with_its_owner(scratch):
+    """A control-mode client whose owner (the router, ``fleet holder``) is killed with output
+    unread used to stay attached for ever, and tmux 3.3a's server then never exits, even on
+    ``kill-server`` (it waits for every client; this was the rare tmux server that outlived
+    ``fleet down`` in test_supervision.py). The client now dies with its owner."""
+    import signal
+    import subprocess
+    import sys
+
+    owner = subprocess.Popen([sys.executable, "-c", _KILLED_OWNER, "tk"], stdout=subprocess.PIPE, text=True)
+    try:
+        client = int(owner.stdout.readline())
+        t = TmuxTransport("tk")
+        server = run(t.server_pid)
+        assert server is not None and psutil.pid_exists(client)
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(10)
+        wait_for(lambda: not psutil.pid_exists(client) or psutil.Process(client).status() == psutil.STATUS_ZOMBIE,
+                 timeout=10, what="the control client to end with its owner")
+        run(t.shutdown)
+        wait_for(lambda: not psutil.pid_exists(server), timeout=10, what="the tmux server to exit on kill-server")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
