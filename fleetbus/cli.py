@@ -341,7 +341,8 @@ def cmd_down(args: argparse.Namespace) -> int:
         if left:
             print(f"{len(left)} process(es) of the fleet outlived the teardown; ended by pid:", file=sys.stderr)
             for p in left:
-                state = "STILL RUNNING after SIGKILL" if p["running"] else f"ended with {p['signal']}"
+                state = (f"STILL RUNNING (last signal: {p['signal'] or 'none, not permitted'})" if p["running"]
+                         else f"ended with {p['signal'] or 'no signal'}")
                 print(f"  pid {p['pid']} ({p['role']}) {state}: {p['cmdline'][:120]}", file=sys.stderr)
     return EXIT_FAIL if any(p["running"] for p in left) else EXIT_OK
 

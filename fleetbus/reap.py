@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import psutil
 
@@ -184,22 +184,21 @@ def reap(procs: Iterable[FleetProcess], grace_s: float = GRACE_S, term_s: float 
     left and waits up to ``term_s`` s again.
 
     Returns:
-        one dict per process that had to be signalled, in the ``fleet down --json`` shape
-        ``{"pid": int, "role": str, "cmdline": str, "signal": "SIGTERM"|"SIGKILL",
-        "running": bool}`` (``running``: it still ran after SIGKILL, e.g. stuck in the kernel,
-        or not ours to signal); ``[]`` when everything ended by itself.
+        one dict per process still running after ``grace_s``, in the ``fleet down --json`` shape
+        ``{"pid": int, "role": str, "cmdline": str, "signal": "SIGTERM"|"SIGKILL"|None,
+        "running": bool}``: ``signal`` is the last signal it was sent (None: it could not be
+        signalled, e.g. another user's), ``running`` that it still ran at the end (stuck in the
+        kernel, or not ours to signal); ``[]`` when everything ended by itself.
     """
-    left = wait_gone(list(procs), grace_s)
-    if not left:
+    outlived = wait_gone(list(procs), grace_s)
+    if not outlived:
         return []
-    termed = _signal(left, signal.SIGTERM)
-    left = wait_gone(termed, term_s)
-    killed = _signal(left, signal.SIGKILL)
-    running = {p.pid for p in wait_gone(killed, term_s)}
-    killed_pids = {p.pid for p in killed}
-    return [{**{k: v for k, v in asdict(p).items() if k != "create_time"},
-             "signal": "SIGKILL" if p.pid in killed_pids else "SIGTERM", "running": p.pid in running}
-            for p in termed]
+    sent = {p.pid: "SIGTERM" for p in _signal(outlived, signal.SIGTERM)}
+    left = wait_gone(outlived, term_s)
+    sent.update((p.pid, "SIGKILL") for p in _signal(left, signal.SIGKILL))
+    running = {p.pid for p in wait_gone(left, term_s)}
+    return [{"pid": p.pid, "role": p.role, "cmdline": p.cmdline, "signal": sent.get(p.pid),
+             "running": p.pid in running} for p in outlived]
 
 
 def fleet_processes(fleet, paths, runner=None) -> list[FleetProcess]:

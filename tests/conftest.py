@@ -119,19 +119,27 @@ def make_fleet(monkeypatch) -> Callable[[str], FleetEnv]:
 
     recorded: list[reap.FleetProcess] = []
     signalled: list[dict] = []
+    problems: list[str] = []
     try:
-        for fe in made:
+        for fe in made:  # every fleet is taken down, whatever an earlier one left
             monkeypatch.setenv("FLEETBUS_HOME", str(fe.home))
             recorded += reap.fleet_processes(fe.fleet, fe.paths)
-            signalled += ops.down(fe.fleet, fe.paths, grace_s=TEARDOWN_GRACE_S)["leftovers"]
-            assert procs.router_pid(fe.paths) is None, "router still running after teardown"
-            for slot in fe.fleet.slots:
-                assert procs.sidecar_pid(fe.paths, slot) is None, f"sidecar {slot} still running after teardown"
-            assert not Path(fe.tmux.socket_path()).exists(), "tmux socket left behind"
-            assert not fe.paths.run_dir.exists(), "runtime dir (sockets, lock) left behind"
+            try:
+                signalled += ops.down(fe.fleet, fe.paths, grace_s=TEARDOWN_GRACE_S)["leftovers"]
+            except Exception as e:  # reported below, after the process check
+                problems.append(f"fleet down failed: {e!r}")
+            if procs.router_pid(fe.paths) is not None:
+                problems.append("router still running after teardown")
+            problems += [f"sidecar {slot} still running after teardown" for slot in fe.fleet.slots
+                         if procs.sidecar_pid(fe.paths, slot) is not None]
+            if Path(fe.tmux.socket_path()).exists():
+                problems.append("tmux socket left behind")
+            if fe.paths.run_dir.exists():
+                problems.append("runtime dir (sockets, lock) left behind")
         # every process this test started carries its TMUX_TMPDIR (fleets it took down itself,
         # `fleet doctor`'s throwaway server, the demo, decoy tmux servers) or was recorded above
         assert_no_processes_left(f"TMUX_TMPDIR={tmux_tmp}", recorded)
+        assert not problems, "\n".join(problems)
         assert not signalled, ("`fleet down` had to end these processes of the fleet (they outlived the "
                                "teardown):\n" + "\n".join(f"  pid {p['pid']} ({p['role']}) {p['signal']}: "
                                                           f"{p['cmdline']}" for p in signalled))
@@ -205,10 +213,10 @@ def _no_stray_run_dirs(monkeypatch):
     made: list[Path] = []
     real = FleetPaths.ensure
 
-    def ensure(self):
+    def ensure(self, *args, **kwargs):
         if self.run_dir.parent == Path(f"/tmp/fleetbus-{os.getuid()}") and self.instance != self.tenant:
             made.append(self.run_dir)  # a $FLEETBUS_HOME fleet: the hashed dir is this test's own
-        return real(self)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(FleetPaths, "ensure", ensure)
     yield
