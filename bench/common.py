@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
 from fleetbus import ops
@@ -33,8 +34,15 @@ def write_roster(home: Path, tenant: str, text: str):
 
 
 def teardown(fleet, paths) -> None:
-    """``fleet down`` (the fleet's own tmux server only), then remove its runtime dir."""
+    """``fleet down`` (the fleet's own tmux server only), then remove its runtime dir. Says on
+    stderr which processes of the fleet ``down`` had to end (they outlived the teardown)."""
     try:
-        ops.down(fleet, paths)
+        report_leftovers(ops.down(fleet, paths))
     finally:
         shutil.rmtree(paths.run_dir, ignore_errors=True)
+
+
+def report_leftovers(summary: dict) -> None:
+    """Print ``ops.down``'s ``leftovers`` (processes it ended by pid) on stderr, if any."""
+    for p in summary.get("leftovers", []):
+        print(f"fleet down ended pid {p['pid']} ({p['role']}, {p['signal']}): {p['cmdline'][:100]}", file=sys.stderr)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import anyio
 
-from common import pct  # bench/common.py (this folder is on sys.path)
+from common import pct, report_leftovers  # bench/common.py (this folder is on sys.path)
 from fleetbus import ops
 from fleetbus.client import Client
 from fleetbus.config import load_roster
@@ -169,7 +169,7 @@ def main() -> int:
         raise
     finally:
         try:
-            ops.down(fleet, paths)
+            report_leftovers(ops.down(fleet, paths))
         finally:
             shutil.rmtree(paths.run_dir, ignore_errors=True)
             if not failed:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from mockmodel import MockModel  # noqa: E402
 from runtime_cases import RuntimeCase, cases  # noqa: E402
 
-from common import pct  # noqa: E402 (bench/common.py; this folder is on sys.path)
+from common import pct, report_leftovers  # noqa: E402 (bench/common.py; this folder is on sys.path)
 from fleetbus import ops  # noqa: E402
 from fleetbus.adapters import get_adapter  # noqa: E402
 from fleetbus.client import Client  # noqa: E402
@@ -130,7 +130,7 @@ def run_case(case: RuntimeCase, n: int) -> dict:
             pane_lat, pane_ok = anyio.run(send_many, "pane-diff", pane_paced, backend="asyncio")
     finally:
         if fleet is not None and paths is not None:
-            ops.down(fleet, paths)
+            report_leftovers(ops.down(fleet, paths))
         for k, v in old_env.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -379,11 +379,18 @@ def cmd_down(args: argparse.Namespace) -> int:
 
     fleet = _fleet(args)
     summary = ops.down(fleet, _paths(fleet))
+    left = summary["leftovers"]
     if args.json:
         _emit_json(summary)
     else:
         print(f"fleet of tenant {fleet.tenant!r} is down ({summary['via']})")
-    return EXIT_OK
+        if left:
+            print(f"{len(left)} process(es) of the fleet outlived the teardown; ended by pid:", file=sys.stderr)
+            for p in left:
+                state = (f"STILL RUNNING (last signal: {p['signal'] or 'none, not permitted'})" if p["running"]
+                         else f"ended with {p['signal'] or 'no signal'}")
+                print(f"  pid {p['pid']} ({p['role']}) {state}: {p['cmdline'][:120]}", file=sys.stderr)
+    return EXIT_FAIL if any(p["running"] for p in left) else EXIT_OK
 
 
 def _boot_footer(fleet, paths, rows) -> list[str]:
@@ -888,7 +895,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("up", cmd_up, "start the router (through systemd when this fleet's units are installed, else in the "
                           "background), the slots and their sidecars; says which it used", True)
     p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for sidecars (default 20)")
-    add("down", cmd_down, "stop sidecars, slots, the fleet's tmux server and the router", True)
+    add("down", cmd_down, "stop sidecars, slots, the fleet's tmux server and the router; any process of the "
+                          "fleet still running 5 s later is ended by pid and listed (exit 1 if one survives "
+                          "SIGKILL)", True)
     add("ps", cmd_ps, "one row per slot: pane, process, heartbeat, flags", True)
     p = add("send", cmd_send, "type a message into a slot, optionally verifying it was accepted", True)
     p.add_argument("slot")

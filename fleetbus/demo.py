@@ -78,9 +78,10 @@ def run(keep: bool = False, json_out: bool = False) -> int:
                 f"  FLEETBUS_HOME={home} fleet --roster {roster} watch stub0\n"
                 f"  FLEETBUS_HOME={home} fleet --roster {roster} down")
         else:
-            ops.down(fleet, paths)
+            left = ops.down(fleet, paths)["leftovers"]
             shutil.rmtree(home, ignore_errors=True)  # the throwaway home: roster, journal, logs
-            say("\ndemo fleet torn down")
+            say("\ndemo fleet torn down" + "".join(f"\n  (ended pid {p['pid']}, {p['role']}, which outlived it)"
+                                                   for p in left))
     ok = len(results) == len(MESSAGES) and all(r.result == "accepted" for r in results)
     return 0 if ok else 1
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from fleetbus import systemd
+from fleetbus import reap, systemd
 from fleetbus.client import RouterUnavailable, SyncClient
 from fleetbus.config import FleetConfig
 from fleetbus.paths import FleetPaths
@@ -161,31 +161,46 @@ def up(fleet: FleetConfig, paths: FleetPaths, timeout_s: float = 20.0,
 
 
 def down(fleet: FleetConfig, paths: FleetPaths, timeout_s: float = 15.0,
-         runner: systemd.Runner = systemd.run) -> dict:
+         runner: systemd.Runner = systemd.run, grace_s: float = reap.GRACE_S) -> dict:
     """Stop everything of this tenant: sidecars, slots, the fleet's tmux server, the router.
 
     With installed units and a user manager, ``systemctl --user stop`` stops the router and
     holder units first, so systemd restarts neither. Only this fleet's own tmux socket is
-    killed. Returns ``{"via": "router"|"local"|"systemd", "router_pid": int|None}``.
+    killed. Every process of the fleet is recorded first (:func:`fleetbus.reap.fleet_processes`:
+    router, sidecars, units, tmux server, pane programs and their children); any that still runs
+    ``grace_s`` s after the teardown is ended by pid (SIGTERM, SIGKILL after 2 s) and listed.
+    The runtime dir is removed last.
+
+    Returns:
+        ``{"via": "router"|"local"|"systemd", "router_pid": int|None, "leftovers": [...]}``;
+        ``leftovers`` has one ``{"pid", "role", "cmdline", "signal", "running"}`` dict per
+        process that outlived the teardown (see :func:`fleetbus.reap.reap`), ``[]`` normally.
     """
     via_systemd = False
     if systemd.boot_state(fleet, paths).installed and systemd.manager_reachable(runner)[0]:
+        via_systemd = True
+    before = reap.fleet_processes(fleet, paths, runner if via_systemd else None)
+    if via_systemd:
         holder, router = systemd.unit_names(paths)
         runner(["systemctl", "--user", "stop", router, holder])
-        via_systemd = True
     pid = procs.router_pid(paths)
+    via = "systemd" if via_systemd else "local"
+    done = False
     if pid is not None:
         try:
             SyncClient(fleet, paths, connect_timeout_s=3.0).shutdown(teardown=True)
             if procs.wait_gone(pid, timeout_s):
-                return {"via": "systemd" if via_systemd else "router", "router_pid": pid}
+                via, done = "systemd" if via_systemd else "router", True
         except RouterUnavailable:
             pass
-        procs.stop_pid(pid)
-    procs.stop_sidecars(paths, list(fleet.slots))
-    anyio.run(make_transport(fleet, paths).shutdown, backend="asyncio")
+        if not done:
+            procs.stop_pid(pid)
+    if not done:
+        procs.stop_sidecars(paths, list(fleet.slots))
+        anyio.run(make_transport(fleet, paths).shutdown, backend="asyncio")
+    leftovers = reap.reap(before, grace_s)
     paths.remove_run_dir()
-    return {"via": "systemd" if via_systemd else "local", "router_pid": pid}
+    return {"via": via, "router_pid": pid, "leftovers": leftovers}
 
 
 def journal_line(journal: dict) -> str:

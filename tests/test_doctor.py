@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_tmux
+from conftest import assert_no_processes_left, needs_tmux
 from fleetbus import doctor
 from fleetbus.adapters import get_adapter
 from fleetbus.config import load_roster
@@ -41,6 +41,8 @@ def test_doctor_passes_on_a_running_fleet_and_fails_when_the_holder_is_killed(ma
     rc, out = _doctor(fe)  # fleet down: not a broken invariant
     checks = _by_name(out)
     assert rc == 0 and out["ok"], out
+    # nothing of its throwaway tmux server is left (its _holder pane's program used to be)
+    assert_no_processes_left(f"TMUX_TMPDIR={fe.env['TMUX_TMPDIR']}", after="`fleet doctor`")
     assert checks["tmux-server"]["status"] == "ok" and "fleet is down" in checks["tmux-server"]["detail"]
     assert checks["router"]["status"] == "warn" and checks["router"]["fix"] == "fleet up"
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import needs_tmux, wait_for
@@ -38,7 +39,9 @@ def plain(tmp_path, monkeypatch):
     roster = tmp_path / "fleet.yaml"
     roster.write_text(ROSTER)
     fleet = load_roster(roster)
-    return fleet, fleet_paths(fleet.tenant, fleet.roster.transport.socket), tmp_path
+    paths = fleet_paths(fleet.tenant, fleet.roster.transport.socket)
+    yield fleet, paths, tmp_path
+    shutil.rmtree(paths.run_dir, ignore_errors=True)  # made by the CLI commands the test ran
 
 
 def recorder(reachable: bool = True, fail: tuple[str, ...] = ()):
@@ -273,8 +276,11 @@ def test_units_bring_up_a_fleet_and_stopping_them_never_kills_agents(make_fleet,
     wait_for(lambda: _has_holder(fe), 5, what="holder back")
     assert _pane_pids(fe) == pids
 
+    holder_main = sd.main[h].pid
     down = ops.down(fe.fleet, fe.paths, runner=sd)
     assert down["via"] == "systemd" and ["systemctl", "--user", "stop", r, h] in sd.calls
+    assert down["leftovers"] == [], down  # nothing of the units, the server or the agents outlived it
+    assert not psutil.pid_exists(holder_main) or psutil.Process(holder_main).status() == psutil.STATUS_ZOMBIE
     assert not sd.active(h) and not sd.active(r)
 
 

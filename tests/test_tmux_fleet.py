@@ -440,3 +440,57 @@ def test_demo_runs_the_main_job(make_fleet, tmp_path):
     assert all(r["tenant_id"] == "demo" and r["host"] for r in out["ps"])
     sockets = os.listdir(os.path.join(os.environ["TMUX_TMPDIR"], f"tmux-{os.getuid()}"))
     assert not [s for s in sockets if s.startswith("demo-")], "the demo tears its tmux server down"
+    from fleetbus.paths import fleet_paths
+
+    assert not os.path.exists(out["home"]), "the demo removes its home"
+    assert not fleet_paths("demo", "demo", env={"FLEETBUS_HOME": out["home"]}).run_dir.exists()
+    # (and make_fleet's teardown checks that no process of the demo is left)
+
+
+# -- fleet down leaves no process -------------------------------------------------------------------
+
+
+def test_down_leaves_no_process_of_the_fleet(make_fleet):
+    """``fleet down`` ends the router, sidecars, slots, the tmux server and the ``_holder``
+    pane's program by itself: it never has to kill a leftover, and none of them runs after it."""
+    from fleetbus import ops, reap
+
+    fe = make_fleet(BASIC)
+    fe.up()
+    recorded = reap.fleet_processes(fe.fleet, fe.paths)
+    roles = {r.role for r in recorded}
+    assert {"router", "tmux-server", "pane _holder", "pane a", "pane sh0", "sidecar a", "sidecar py0"} <= roles, roles
+    holder = [r for r in recorded if r.role in ("pane _holder", "child of pane _holder")]
+    res = ops.down(fe.fleet, fe.paths)
+    assert res["leftovers"] == [], res
+    assert reap.wait_gone(holder, 10) == [], "the _holder pane's program outlived its tmux server"
+    assert reap.wait_gone(recorded, 10) == []
+    assert not fe.paths.run_dir.exists()
+    p = fe.cli("down", "--json")  # down again: nothing to end
+    assert p.returncode == 0 and json.loads(p.stdout)["leftovers"] == [], p.stdout + p.stderr
+
+
+def test_down_ends_by_pid_what_outlives_the_teardown(make_fleet):
+    """A runtime that ignores SIGHUP and SIGTERM, its background child, and a process a dead pane
+    left in its session outlive ``kill-server``: ``fleet down`` ends each by pid (SIGTERM, then
+    SIGKILL) and lists it."""
+    from fleetbus import ops, reap
+
+    fe = make_fleet(roster("t9", "{name: a, runtime: stub}",
+                           """{name: deaf, runtime: shell, command: [sh, -c, "trap '' HUP TERM; sleep 611 & exec sleep 612"]}""",
+                           """{name: gone, runtime: shell, restart: no, command: [sh, -c, "trap '' HUP; sleep 613 & exit 3"]}""",
+                           bus="{heartbeat_ms: 200, liveness: 3}"))
+    fe.up()
+    wait_for(lambda: fe.ps()["gone"].pane == "dead", what="the gone slot's program exited")
+    wait_for(lambda: {"sleep 611", "sleep 612", "sleep 613"} <= {r.cmdline for r in reap.fleet_processes(
+        fe.fleet, fe.paths)}, what="every sleep started")
+    res = ops.down(fe.fleet, fe.paths, grace_s=1.0)
+    left = {p["cmdline"]: p for p in res["leftovers"]}
+    assert set(left) == {"sleep 611", "sleep 612", "sleep 613"}, res["leftovers"]
+    assert (left["sleep 612"]["role"], left["sleep 612"]["signal"]) == ("pane deaf", "SIGKILL")
+    assert (left["sleep 611"]["role"], left["sleep 611"]["signal"]) == ("child of pane deaf", "SIGKILL")
+    assert (left["sleep 613"]["role"], left["sleep 613"]["signal"]) == ("child of dead pane gone", "SIGTERM")
+    assert not any(p["running"] for p in res["leftovers"])
+    for p in res["leftovers"]:
+        assert not psutil.pid_exists(p["pid"]) or psutil.Process(p["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert not fe.paths.run_dir.exists()

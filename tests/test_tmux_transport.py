@@ -8,7 +8,10 @@ import tempfile
 
 import anyio
 import pytest
-from conftest import needs_tmux, wait_for
+import psutil
+from conftest import assert_no_processes_left, needs_tmux, wait_for
+
+from fleetbus import reap
 
 from fleetbus.adapters.base import SubmitProfile
 from fleetbus.transports.base import LaunchSpec, SlotNotFound
@@ -22,8 +25,11 @@ def scratch(monkeypatch):
     d = tempfile.mkdtemp(prefix="fbt-", dir="/tmp")
     os.makedirs(f"{d}/tmux")
     monkeypatch.setenv("TMUX_TMPDIR", f"{d}/tmux")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    try:
+        yield d
+        assert_no_processes_left(f"TMUX_TMPDIR={d}/tmux")  # every tmux server and pane of the test
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def run(fn, *a):
@@ -81,3 +87,76 @@ def test_control_client_replaced_or_bypassed_when_it_cannot_serve(scratch):
             await t.shutdown()
 
     run(main)
+
+
+def test_holder_and_slot_programs_end_with_their_server(scratch):
+    """``kill-server`` hangs up every pane: the ``_holder`` pane's program, each slot's program
+    and their children end with the server. (The holder used to be ``sh -c "trap 'exit 0' TERM
+    HUP; while :; do sleep 3600; done"``: the shell runs its trap only once its foreground
+    ``sleep`` ends, so both outlived every ``fleet down`` by up to an hour.)"""
+    t = TmuxTransport("th")
+
+    async def main():
+        try:
+            await t.ensure_server()
+            await t.start_slot(LaunchSpec("s", ["/bin/sh", "-c", "sleep 600 & exec sleep 601"], scratch, {}))
+            found = await t.processes()
+            roles = sorted(found.values())
+            assert roles == ["pane _holder", "pane s", "tmux-server"], found
+            holder = next(pid for pid, role in found.items() if role == "pane _holder")
+            assert os.getsid(holder) == holder, "the holder's program leads its pane's session"
+            recorded = wait_for(lambda: (lambda r: r if "child of pane s" in {x.role for x in r} else None)(
+                reap.snapshot(found)), timeout=10, what="the slot's background child")
+            assert {"child of pane s", "pane _holder", "pane s", "tmux-server"} <= {r.role for r in recorded}
+        finally:
+            await t.shutdown()
+        return recorded
+
+    recorded = run(main)
+    left = reap.wait_gone(recorded, 10)
+    assert left == [], f"outlived kill-server: {left}"
+
+
+_KILLED_OWNER = """
+import sys, anyio
+from fleetbus.transports.tmux import TmuxTransport
+
+async def main():
+    t = TmuxTransport(sys.argv[1], control=True)
+    await t.ensure_server()
+    await t.probe_all()  # through the control client
+    # ~5 MB of answers this process never reads: the pipe fills and tmux keeps the rest
+    with anyio.move_on_after(10):
+        await t._ctl.proc.stdin.send(b"display-message -p '#{l:" + b"x" * 1000 + b"}'\\n" * 5000)
+    print(t._ctl.proc.pid, flush=True)
+    await anyio.sleep(600)
+
+anyio.run(main, backend="asyncio")
+"""
+
+
+def test_control_client_dies_with_its_owner(scratch):
+    """A control-mode client whose owner (the router, ``fleet holder``) is killed with output
+    unread used to stay attached for ever, and tmux 3.3a's server then never exits, even on
+    ``kill-server`` (it waits for every client; this was the rare tmux server that outlived
+    ``fleet down`` in test_supervision.py). The client now dies with its owner."""
+    import signal
+    import subprocess
+    import sys
+
+    owner = subprocess.Popen([sys.executable, "-c", _KILLED_OWNER, "tk"], stdout=subprocess.PIPE, text=True)
+    try:
+        client = int(owner.stdout.readline())
+        t = TmuxTransport("tk")
+        server = run(t.server_pid)
+        assert server is not None and psutil.pid_exists(client)
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(10)
+        wait_for(lambda: not psutil.pid_exists(client) or psutil.Process(client).status() == psutil.STATUS_ZOMBIE,
+                 timeout=10, what="the control client to end with its owner")
+        run(t.shutdown)
+        wait_for(lambda: not psutil.pid_exists(server), timeout=10, what="the tmux server to exit on kill-server")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()

@@ -134,12 +134,16 @@ def stop_sidecar(paths: FleetPaths, slot: str) -> None:
 
 
 def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``pid`` to exit (a zombie counts); True when it did. Polls
+    every 5 ms at first, backing off to 50 ms."""
     deadline = time.monotonic() + timeout
+    pause = 0.005
     while time.monotonic() < deadline:
         try:
             if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
                 return True
         except psutil.NoSuchProcess:
             return True
-        time.sleep(0.05)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
     return False

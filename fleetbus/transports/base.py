@@ -134,6 +134,11 @@ class Transport(Protocol):
     async def probe_all(self) -> dict[str, PaneInfo]:
         """Every slot the transport holds, in one round trip (tmux: one ``list-panes -a``)."""
 
+    async def processes(self) -> dict[int, str]:
+        """The processes this transport runs, ``{pid: role}`` (tmux: the server and each live
+        pane's program, role ``pane <session>``); ``{}`` when it runs none. ``fleet down``
+        records them (with their descendants) and ends any that outlive :meth:`shutdown`."""
+
     async def shutdown(self) -> None:
         """Tear down everything this transport created (tmux: ``kill-server`` on our socket)."""
 

@@ -98,6 +98,10 @@ class MemoryTransport:
                             exit_signal=None if p.alive else p.exit_signal)
                 for s, p in self.panes.items()}
 
+    async def processes(self) -> dict[int, str]:
+        """No processes: the panes are simulated (their ``pid`` is made up)."""
+        return {}
+
     async def shutdown(self) -> None:
         self.panes.clear()
 

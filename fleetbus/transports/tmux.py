@@ -4,7 +4,8 @@ Rules (checked against tmux 3.3a):
 
 - Every call is ``tmux -u -L <socket> -f /dev/null ...``: our own named server, never the
   user's default server or their ``~/.tmux.conf``; ``kill-server`` is only ever sent here.
-- A ``_holder`` session owns the server, so stopping every slot never ends the server.
+- A ``_holder`` session owns the server, so stopping every slot never ends the server. Its
+  pane runs ``sleep`` alone (:data:`HOLDER_ARGV`), which the server's exit ends (SIGHUP).
 - Targets are always exact: ``=<session>:0.0``. tmux turns ``.`` and ``:`` in session names
   into ``_``, so a slot ``a.b`` lives in session ``a,b`` (``,`` is outside the slot alphabet,
   so the mapping is one-to-one and ``a.b`` never meets ``a_b``).
@@ -24,6 +25,7 @@ import os
 import secrets
 import shlex
 import subprocess
+import sys
 import time
 from typing import ClassVar
 
@@ -35,10 +37,44 @@ from fleetbus.adapters.base import SubmitProfile
 from fleetbus.transports.base import LaunchSpec, PaneInfo, Screen, SlotDead, SlotNotFound, TransportError
 
 HOLDER = "_holder"
+#: The ``_holder`` pane's program: exec'd by tmux directly (two or more arguments: no shell),
+#: so it is the pane's session leader and nothing else. When the server exits (``kill-server``)
+#: the pane's terminal is hung up and the kernel sends it SIGHUP, which ends it (tmux resets the
+#: pane's signal dispositions, so an ignored SIGHUP of whoever started the server is not
+#: inherited; checked on tmux 3.3a). A shell that waits for a foreground ``sleep`` would run its
+#: SIGHUP trap only when that ``sleep`` ends, and both would outlive the server. 2147483647 s
+#: (68 years) rather than ``infinity``: every ``sleep`` (GNU, busybox, BSD) accepts it.
+HOLDER_ARGV = ("sleep", "2147483647")
 _FIELDS = (
     "#{session_name}\t#{window_index}\t#{pane_index}\t#{pane_pid}\t#{pane_current_command}"
     "\t#{pane_dead}\t#{pane_dead_status}\t#{window_activity}\t#{pane_dead_signal}\t#{pane_dead_time}"
 )
+
+
+#: Run between fork and exec of a control-mode client (``python -I -S -c CODE PARENT ARGV...``):
+#: have the kernel SIGKILL it when the process that started it dies (``PR_SET_PDEATHSIG``,
+#: Linux), then exec tmux. A control client whose owner was killed (a router on SIGKILL or the
+#: OOM killer) while tmux still had output for it otherwise stays attached for ever, and the
+#: tmux 3.3a server then never exits, even on ``kill-server``: it waits for every client.
+#: (anyio's ``open_process`` has no ``preexec_fn``.) Exits 1 if the owner died before the
+#: request took effect.
+_DIE_WITH_OWNER = (
+    "import os, sys\n"
+    "try:\n"
+    "    import ctypes, signal\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)\n"
+    "except (ImportError, OSError, AttributeError):\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _control_argv(base: list[str]) -> list[str]:
+    """argv of a control-mode client on ``_holder`` that dies with the calling process."""
+    return [sys.executable or "python3", "-I", "-S", "-c", _DIE_WITH_OWNER, str(os.getpid()),
+            *base, "-C", "attach-session", "-t", f"={HOLDER}"]
 
 
 class ControlDown(Exception):
@@ -76,7 +112,8 @@ def _no_formats(value: str) -> str:
 
 
 class ControlClient:
-    """A persistent ``tmux -C attach-session -t =_holder`` client.
+    """A persistent ``tmux -C attach-session -t =_holder`` client, killed by the kernel when the
+    process that opened it dies (see :data:`_DIE_WITH_OWNER`).
 
     Each command is written as one line and answered by one ``%begin … %end`` (or ``%error``)
     block; notifications between blocks are skipped. Commands are serialised by a lock, so
@@ -92,8 +129,7 @@ class ControlClient:
         self._rx: BufferedByteReceiveStream | None = None
 
     async def open(self) -> None:
-        self.proc = await anyio.open_process([*self.base, "-C", "attach-session", "-t", f"={HOLDER}"],
-                                             stderr=subprocess.DEVNULL, env=_client_env())
+        self.proc = await anyio.open_process(_control_argv(self.base), stderr=subprocess.DEVNULL, env=_client_env())
         assert self.proc.stdout is not None
         self._rx = BufferedByteReceiveStream(self.proc.stdout)
         await self._block(timeout=5.0)  # the attach command's own block
@@ -272,8 +308,7 @@ class TmuxTransport:
             return
         try:
             await self._run(
-                "new-session", "-d", "-s", HOLDER, "-x", "80", "-y", "24", "--", "sh", "-c",
-                "trap 'exit 0' TERM HUP; while :; do sleep 3600; done",
+                "new-session", "-d", "-s", HOLDER, "-x", "80", "-y", "24", "--", *HOLDER_ARGV,
                 ";", "set-option", "-g", "remain-on-exit", "on",
                 ";", "set-option", "-g", "history-limit", "5000",
                 ";", "set-option", "-g", "default-size", f"{self.width}x{self.height}",
@@ -283,6 +318,27 @@ class TmuxTransport:
         except TransportError as e:
             if "duplicate session" not in str(e) or not await self.server_alive():
                 raise
+
+    async def processes(self) -> dict[int, str]:
+        """This fleet's tmux server, its clients and every pane's program: ``{pid: role}`` with
+        roles ``tmux-server``, ``tmux-client`` (control-mode clients, viewers), ``pane <session>``
+        (e.g. ``pane _holder``, ``pane a,b``) and, for a pane whose program exited
+        (``remain-on-exit``), ``dead pane <session>`` (that pid may already be reused; it still
+        names the pane's session, see :mod:`fleetbus.reap`). One forked tmux client
+        (``list-panes -a`` and ``list-clients``); ``{}`` when no server answers. Each pane
+        program leads its own session (tmux calls ``setsid``)."""
+        out = await self._run("list-panes", "-a", "-F", "P\t#{pid}\t#{pane_pid}\t#{pane_dead}\t#{session_name}",
+                              ";", "list-clients", "-F", "C\t#{client_pid}", check=False)
+        found: dict[int, str] = {}
+        for line in out.splitlines():
+            kind, server, pane, dead, session = (line.split("\t", 4) + ["", "", "", ""])[:5]
+            if kind == "C" and server.isdigit():
+                found.setdefault(int(server), "tmux-client")
+            elif kind == "P" and server.isdigit():
+                found.setdefault(int(server), "tmux-server")
+                if pane.isdigit():
+                    found.setdefault(int(pane), f"{'dead pane' if dead == '1' else 'pane'} {session}")
+        return found
 
     async def server_pid(self) -> int | None:
         """Pid of this fleet's tmux server, or None when none answers on the socket."""
@@ -305,8 +361,7 @@ class TmuxTransport:
             TransportError: the server could not be started.
         """
         await self.ensure_server()
-        proc = await anyio.open_process([*self.base, "-C", "attach-session", "-t", f"={HOLDER}"],
-                                        stderr=subprocess.DEVNULL, env=_client_env())
+        proc = await anyio.open_process(_control_argv(self.base), stderr=subprocess.DEVNULL, env=_client_env())
         try:
             if on_ready is not None:
                 on_ready()
