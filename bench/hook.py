@@ -4,12 +4,14 @@ every prompt), as a subprocess, sending to a live datagram socket.
 A socket is bound in a fresh private (0700) directory and drained by this process; each run pipes
 a Claude-Code-shaped JSON payload carrying a fleet marker into
 ``<python> -m fleetbus hook prompt-submit`` with ``$FLEETBUS_HOOK_SOCKET`` set, and times the
-whole subprocess. ``--python`` picks the interpreter (e.g. another checkout's venv, for an A/B run
-on the same machine at the same time: runs alternate between the interpreters).
+whole subprocess. ``--python PY[@SRC]`` picks the interpreter and, with ``@SRC``, a source tree put
+first on ``PYTHONPATH`` (e.g. another checkout, for an A/B run on the same machine at the same
+time: runs alternate between them). Bytecode caching follows the environment
+(``PYTHONDONTWRITEBYTECODE``).
 
 Prints p50 and p99 (``statistics.quantiles``, inclusive) and the mean in ms per interpreter.
 
-Run: ``.venv/bin/python bench/hook.py [--runs 20] [--python PY ...]``
+Run: ``.venv/bin/python bench/hook.py [--runs 20] [--python PY[@SRC] ...]``
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from common import pct  # bench/common.py (this folder is on sys.path)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--python", action="append", default=None, help="interpreter(s) to time (default: this one)")
+    ap.add_argument("--python", action="append", default=None,
+                    help="PY[@SRC]: interpreter(s) to time, optionally with a source tree first on PYTHONPATH "
+                         "(default: this interpreter)")
     args = ap.parse_args()
     pythons = args.python or [sys.executable]
     with tempfile.TemporaryDirectory(prefix="fbh-", dir="/tmp") as d:
@@ -48,7 +52,9 @@ def main() -> None:
         for i in range(args.runs + 2):
             for py in pythons:
                 t0 = time.perf_counter()
-                subprocess.run([py, "-m", "fleetbus", "hook", "prompt-submit"], input=payload, env=env,
+                exe, _, src = py.partition("@")
+                run_env = {**env, "PYTHONPATH": src} if src else env
+                subprocess.run([exe, "-m", "fleetbus", "hook", "prompt-submit"], input=payload, env=run_env,
                                text=True, check=True, capture_output=True)
                 dt = (time.perf_counter() - t0) * 1000
                 if i >= 2:  # two warm-up runs each

@@ -99,18 +99,18 @@ def open_private_dir(path: Path | str, *, create: bool, dir_fd: int | None = Non
     """
     name = os.path.basename(path) if dir_fd is not None else os.fspath(path)
     created = False
-    if create:
-        try:
-            os.mkdir(name, 0o700, dir_fd=dir_fd)
-            created = True
-        except FileExistsError:
-            pass
     try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    except FileNotFoundError:
-        if create:
-            raise
-        return None
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            if not create:
+                return None
+            try:
+                os.mkdir(name, 0o700, dir_fd=dir_fd)
+                created = True
+            except FileExistsError:  # made by another process meanwhile: checked like any other
+                pass
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError as e:
         if e.errno not in (errno.ELOOP, errno.ENOTDIR):
             raise
@@ -125,7 +125,7 @@ def open_private_dir(path: Path | str, *, create: bool, dir_fd: int | None = Non
                 target = "?"
             raise _refusal(path, f"a symbolic link (to {target}, made by uid {st.st_uid}) where a private "
                                  "directory belongs: someone may be redirecting this fleet's sockets",
-                           f"remove it (`rm {path}`, as uid {st.st_uid} or root)", hint) from None
+                           f"remove it (`rm {path}`{'' if st.st_uid == _uid() else ' as root'})", hint) from None
         raise _refusal(path, "not a directory", f"remove it (`rm {path}`)", hint) from None
     try:
         st = os.fstat(fd)
@@ -155,12 +155,13 @@ def private_chain(base: Path | str, names: Iterable[str], *, create: bool, hint:
         PathError: see :func:`check_base` and :func:`open_private_dir`.
     """
     base = Path(base)
-    if create:
-        os.makedirs(base, 0o700, exist_ok=True)
     try:
         check_base(base, hint)
     except FileNotFoundError:
-        return None
+        if not create:
+            return None
+        os.makedirs(base, 0o700, exist_ok=True)
+        check_base(base, hint)
     fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     path = base
     try:
