@@ -10,8 +10,8 @@ Exit codes (stable):
       ``publish``: a task ``timed-out`` (no free slot within ``--wait-s``, or not done within
       ``--timeout``); another command could not finish its work
 2     usage or configuration error (bad arguments, invalid roster, unreadable input); an
-      unsafe state or runtime directory or socket (a symlink, owned by another user, or open
-      to group/world, e.g. a planted ``/tmp/fleetbus-<uid>``): every command (and the router
+      unsafe state or runtime directory or socket (a symlink, owned by another user, or
+      writable by group/world, e.g. a planted ``/tmp/fleetbus-<uid>``): every command (and the router
       and sidecar daemons) refuses it, and the message names the path and the fix
 3     rejected: unknown slot, slot not running or dead, invalid message, busy input line,
       not at its prompt, ``reset`` during a turn, idempotency key reused for another message;
@@ -122,7 +122,7 @@ def cmd_hook(args: argparse.Namespace) -> int:
     """Forward a runtime hook event to the slot's sidecar. Always exits 0 and prints nothing on
     stdout (Gemini CLI reads hook stdout as JSON): a hook never fails or blocks its runtime (an
     exit 2 would block the prompt in Claude Code). A hook socket refused as unsafe (planted,
-    another user's, a directory open to others) is reported on stderr."""
+    another user's, a directory others may write to) is reported on stderr."""
     from fleetbus.agents.hook import parse_payload, send_hook
 
     prompt, session, source = "", None, ""

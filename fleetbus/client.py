@@ -73,7 +73,7 @@ class Client:
         RouterUnavailable: no live router process for this tenant (or none answers at
             ``endpoint`` within ``connect_timeout_s``).
         PathError: the runtime dir or the router's socket is not safely ours (a symlink,
-            another user's, open to group or world): nothing is sent to a router someone else
+            another user's, writable by group or world): nothing is sent to a router someone else
             may have planted. See :mod:`fleetbus.safepath`.
     """
 

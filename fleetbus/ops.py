@@ -5,10 +5,10 @@ when it answers and otherwise reads the transport and the heartbeat files itself
 ``down`` go through systemd when this fleet's user units are installed and a user manager
 answers (:mod:`fleetbus.systemd`), and otherwise start and stop the router themselves.
 
-All three first check the fleet's state and runtime directories (:meth:`FleetPaths.ensure`,
-``check``) and
-raise :class:`fleetbus.paths.PathError` when one is planted (a symlink, another user's, open to
-group or world): nothing is started, asked or removed there.
+All three first check the fleet's state and runtime directories (:meth:`FleetPaths.ensure` for
+``up``, :meth:`FleetPaths.check` otherwise) and raise :class:`fleetbus.paths.PathError` when one is
+planted (a symlink, another user's, writable by group or world): nothing is started, asked or
+removed there.
 """
 
 from __future__ import annotations

@@ -130,8 +130,9 @@ class FleetPaths:
 
         Raises:
             PathError: a directory is a symlink, owned by another user, or (already existing)
-                open to group or world; or a socket path would exceed :data:`MAX_SOCKET_PATH`
-                bytes. The message names the path and the fix.
+                writable by group or world (one others could only read is made 0700); or a
+                socket path would exceed :data:`MAX_SOCKET_PATH` bytes. The message names the
+                path and the fix.
         """
         longest = len(str(self.run_dir / "h")) + 1 + 64 + len(".jsonl")
         if longest > MAX_SOCKET_PATH:

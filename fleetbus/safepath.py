@@ -43,7 +43,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 class PathError(RuntimeError):
     """A state or runtime directory, or a socket in it, cannot be trusted: a symlink, owned by
-    another user, open to group or world, or a path too long for a Unix socket. The message
+    another user, writable by group or world, or a path too long for a Unix socket. The message
     names the path and the fix. The CLI exits 2 on it."""
 
 

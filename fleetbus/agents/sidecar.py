@@ -28,7 +28,7 @@ Both hook sockets sit in the private 0700 runtime dir and are 0600; behind that 
 sidecar checks who is talking: every datagram must carry the sender's credentials
 (``SO_PASSCRED``/``SCM_CREDENTIALS``, filled in by the kernel) and every stream connection's peer
 (``SO_PEERCRED``) must have the sidecar's own uid. Anything else is dropped and counted
-(:attr:`Sidecar.refused_hooks`), and logged once per uid, so a mode mistake on the slot's
+(:attr:`Sidecar.refused_hooks`), and logged once per uid and socket, so a mode mistake on the slot's
 directory does not turn into a forged ack. The files the sidecar writes (heartbeat, ack log, pid
 file) are 0600 whatever the umask.
 """
