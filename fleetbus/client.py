@@ -121,10 +121,12 @@ class Client:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._tg.cancel_scope.cancel()
-        await self._tg.__aexit__(None, None, None)
-        self.sock.close(linger=0)
-        self.ctx.term()
+        try:
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+        finally:  # also when an outer cancel scope interrupts the wait: a leaked context hangs at exit
+            self.sock.close(linger=0)
+            self.ctx.destroy(linger=0)  # closes any socket left open too (an interrupted EventStream's)
 
     async def _reader(self) -> None:
         while True:

@@ -538,3 +538,32 @@ def test_files_are_0600_with_umask_000(make_fleet):
     for s in (paths.hook_socket("a"), paths.hook_stream("a")):
         assert mode(s) & 0o077 == 0, s
     assert not [f.name for f in (paths.state_dir / "run").iterdir() if f.name.endswith(".tmp")]
+
+
+# -- a Client cancelled while it waits leaks nothing -------------------------------------------------
+
+def test_client_cancelled_while_entering_closes_its_socket_and_context(short_tmp):
+    # found while testing fake routers: an outer cancel scope interrupting a Client's wait skipped
+    # closing its socket and context, and the process could then hang in Context.__del__ (term)
+    os.chmod(short_tmp, 0o700)
+    sock = short_tmp / "router.sock"
+    ctx = zmq.Context()
+    fake = ctx.socket(zmq.ROUTER)  # a router that never answers
+    fake.setsockopt(zmq.LINGER, 0)
+    fake.bind(f"ipc://{sock}")
+    client = Client(endpoint=f"ipc://{sock}", connect_timeout_s=30)
+
+    async def main():
+        with anyio.move_on_after(0.5):
+            async with client:
+                pass
+
+    try:
+        anyio.run(main, backend="asyncio")
+        assert client.sock.closed and client.ctx.closed
+    finally:
+        if not client.sock.closed:
+            client.sock.close(0)
+            client.ctx.term()
+        fake.close(0)
+        ctx.term()
