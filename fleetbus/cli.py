@@ -9,7 +9,10 @@ Exit codes (stable):
 1     ``send``: ``draft`` or ``unconfirmed``; ``reset`` not confirmed; ``interrupt``: still busy;
       ``publish``: a task ``timed-out`` (no free slot within ``--wait-s``, or not done within
       ``--timeout``); another command could not finish its work
-2     usage or configuration error (bad arguments, invalid roster, unreadable input)
+2     usage or configuration error (bad arguments, invalid roster, unreadable input); an
+      unsafe state or runtime directory or socket (a symlink, owned by another user, or
+      writable by group/world, e.g. a planted ``/tmp/fleetbus-<uid>``): every command (and the router
+      and sidecar daemons) refuses it, and the message names the path and the fix
 3     rejected: unknown slot, slot not running or dead, invalid message, busy input line,
       not at its prompt, ``reset`` during a turn, idempotency key reused for another message, a
       limit (``queue-full``, ``rate-limited``; nothing journaled), the journal cannot be written
@@ -31,6 +34,9 @@ that name was not written by fleetbus (nothing changed); ``uninstall-systemd`` l
 roster, or an unreadable or unsafe key file; 3 when ``revoke`` names
 no key or ``create`` a name already used (nothing is changed). ``sidecar``: 2 when a ``tcp://``
 router lacks ``--key``/``--router-key`` or a key file is unreadable.
+
+``hook`` always exits 0 (an exit code would disturb the runtime's prompt); when its socket is
+refused as unsafe it sends nothing and says why on stderr.
 
 Imports are deferred into each command so ``fleet hook`` (run by runtime hooks on every prompt)
 starts without loading pydantic or ZeroMQ.
@@ -118,8 +124,10 @@ def _slot_checked(fleet, slot: str) -> None:
 
 
 def cmd_hook(args: argparse.Namespace) -> int:
-    """Forward a runtime hook event to the slot's sidecar. Always exits 0 and prints nothing
-    (Gemini CLI reads hook stdout as JSON): a hook never fails or blocks its runtime."""
+    """Forward a runtime hook event to the slot's sidecar. Always exits 0 and prints nothing on
+    stdout (Gemini CLI reads hook stdout as JSON): a hook never fails or blocks its runtime (an
+    exit 2 would block the prompt in Claude Code). A hook socket refused as unsafe (planted,
+    another user's, a directory others may write to) is reported on stderr."""
     from fleetbus.agents.hook import parse_payload, send_hook
 
     prompt, session, source = "", None, ""
@@ -128,7 +136,8 @@ def cmd_hook(args: argparse.Namespace) -> int:
             prompt, session, source = parse_payload(sys.stdin.read(4 * 1024 * 1024))
         except (OSError, UnicodeDecodeError):
             pass
-    send_hook(args.event, prompt=prompt, session_id=args.session_id or session, source=source)
+    send_hook(args.event, prompt=prompt, session_id=args.session_id or session, source=source,
+              on_refused=lambda why: print(f"fleet hook: {why}; nothing was sent", file=sys.stderr))
     return EXIT_OK
 
 
@@ -1038,3 +1047,23 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        found = _path_error(e)
+        if found is None:
+            raise
+        print(f"fleet: {found}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _path_error(e: BaseException) -> BaseException | None:
+    """The :class:`fleetbus.safepath.PathError` in ``e`` (itself, or inside exception groups
+    raised by task groups), or None."""
+    from fleetbus.safepath import PathError
+
+    if isinstance(e, PathError):
+        return e
+    for sub in getattr(e, "exceptions", ()):
+        found = _path_error(sub)
+        if found is not None:
+            return found
+    return None

@@ -32,6 +32,7 @@ import zmq.asyncio
 from fleetbus import protocol as P
 from fleetbus.config import FleetConfig, load_roster
 from fleetbus.paths import FleetPaths, fleet_paths
+from fleetbus.safepath import check_ipc_endpoint
 
 T = TypeVar("T")
 
@@ -71,6 +72,9 @@ class Client:
     Raises (on enter):
         RouterUnavailable: no live router process for this tenant (or none answers at
             ``endpoint`` within ``connect_timeout_s``).
+        PathError: the runtime dir or the router's socket is not safely ours (a symlink,
+            another user's, writable by group or world): nothing is sent to a router someone else
+            may have planted. See :mod:`fleetbus.safepath`.
     """
 
     def __init__(self, fleet: FleetConfig | None = None, paths: FleetPaths | None = None,
@@ -90,6 +94,10 @@ class Client:
         self._futures: dict[str, tuple[anyio.Event, list[P.Result]]] = {}
 
     async def __aenter__(self) -> Client:
+        if self.paths is not None and self.endpoint == self.paths.router_endpoint:
+            self.paths.check_socket("router.sock")  # PathError when planted; a missing one is no router
+        else:
+            check_ipc_endpoint(self.endpoint)
         if self.paths is not None and not self.paths.router_running():
             raise RouterUnavailable(f"the router of tenant {self.tenant!r} is not running (start it with `fleet up`)")
         self.ctx = zmq.asyncio.Context()
@@ -113,10 +121,12 @@ class Client:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._tg.cancel_scope.cancel()
-        await self._tg.__aexit__(None, None, None)
-        self.sock.close(linger=0)
-        self.ctx.term()
+        try:
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+        finally:  # also when an outer cancel scope interrupts the wait: a leaked context hangs at exit
+            self.sock.close(linger=0)
+            self.ctx.destroy(linger=0)  # closes any socket left open too (an interrupted EventStream's)
 
     async def _reader(self) -> None:
         while True:
@@ -321,6 +331,7 @@ class EventStream:
 
     Raises (on enter):
         RouterUnavailable: the probe did not come back within the client's connect timeout.
+        PathError: the events socket is not safely ours (see :class:`Client`).
     """
 
     def __init__(self, client: Client, kinds: Iterable[str] | None, slot: str | None):
@@ -334,6 +345,10 @@ class EventStream:
         c = self.client
         if not c.events_endpoint:
             raise RouterUnavailable("the router did not say where its events are published")
+        if c.paths is not None and c.events_endpoint == c.paths.events_endpoint:
+            c.paths.check_socket("events.sock")
+        else:
+            check_ipc_endpoint(c.events_endpoint)
         self.sock = c.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)

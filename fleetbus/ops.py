@@ -4,6 +4,11 @@
 when it answers and otherwise reads the transport and the heartbeat files itself. ``up`` and
 ``down`` go through systemd when this fleet's user units are installed and a user manager
 answers (:mod:`fleetbus.systemd`), and otherwise start and stop the router themselves.
+
+All three first check the fleet's state and runtime directories (:meth:`FleetPaths.ensure` for
+``up``, :meth:`FleetPaths.check` otherwise) and raise :class:`fleetbus.paths.PathError` when one is
+planted (a symlink, another user's, writable by group or world): nothing is started, asked or
+removed there.
 """
 
 from __future__ import annotations
@@ -40,7 +45,11 @@ def ps(fleet: FleetConfig, paths: FleetPaths) -> list[SlotStatus]:
     Every row gets the flag ``BOOT-ENABLE`` when this fleet's systemd units are installed but
     would not bring it back after a reboot (a unit not enabled, or linger off); see
     :func:`boot_problems`.
+
+    Raises:
+        PathError: a state or runtime directory, or the router's socket, is not safely ours.
     """
+    paths.check()
     rows = None
     if procs.router_pid(paths) is not None:
         try:
@@ -112,7 +121,9 @@ def up(fleet: FleetConfig, paths: FleetPaths, timeout_s: float = 20.0,
     Raises:
         OpsError: the router did not come up, or systemd could not start the units (the message
             holds the end of the router's log or systemctl's answer).
+        PathError: a state or runtime directory is not safely ours (nothing is started).
     """
+    paths.ensure()
     boot = systemd.boot_state(fleet, paths)
     via, detail, handed_over = "fleetbus", "no fleetbus systemd units (`fleet install-systemd` adds them)", None
     if boot.installed:
@@ -175,7 +186,11 @@ def down(fleet: FleetConfig, paths: FleetPaths, timeout_s: float = 15.0,
         ``{"via": "router"|"local"|"systemd", "router_pid": int|None, "leftovers": [...]}``;
         ``leftovers`` has one ``{"pid", "role", "cmdline", "signal", "running"}`` dict per
         process that outlived the teardown (see :func:`fleetbus.reap.reap`), ``[]`` normally.
+
+    Raises:
+        PathError: a state or runtime directory is not safely ours (nothing is stopped).
     """
+    paths.check()
     via_systemd = False
     if systemd.boot_state(fleet, paths).installed and systemd.manager_reachable(runner)[0]:
         via_systemd = True

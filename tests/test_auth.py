@@ -103,11 +103,20 @@ def test_runtime_dir_and_sockets_are_private(make_fleet):
     for s in socks:
         st = os.stat(s)
         assert stat.S_ISSOCK(st.st_mode) and st.st_mode & 0o077 == 0, f"{s}: {stat.S_IMODE(st.st_mode):o}"
-    # a loosened runtime dir (or its parent) is made private again by the next command
+    # a runtime dir others could only read is made private again by the next command (nothing can
+    # have been planted in it); one they could write to is refused with the path and the fix, never
+    # chmodded. (The shared parent /tmp/fleetbus-<uid> is never loosened here: every fleet on the
+    # machine uses it; tests/test_paths_hardening.py plants a parent of its own.)
     os.chmod(run, 0o755)
-    os.chmod(run.parent, 0o755)
     assert fe.cli("ps").returncode == 0
-    assert mode(run) == 0o700 and mode(run.parent) == 0o700
+    assert mode(run) == 0o700
+    os.chmod(run, 0o770)
+    try:
+        p = fe.cli("ps")
+        assert p.returncode == 2 and f"refusing {run}: mode 0770" in p.stderr and "rm -rf" in p.stderr, p.stderr
+        assert mode(run) == 0o770
+    finally:
+        os.chmod(run, 0o700)
     if os.geteuid() == 0:  # a runtime dir owned by someone else is refused, never used
         os.chown(run / "h", NOBODY, NOBODY)
         try:

@@ -11,6 +11,12 @@ marker) is then appended to the slot's spool file (:func:`spool_path`, one base6
 0600 in the private runtime dir); the sidecar replays the spool when it (re)starts, so an ack
 is not lost while the sidecar is down. This module avoids pydantic so ``fleet hook`` starts fast;
 the frame matches :class:`fleetbus.protocol.HookEvent` (the sidecar validates it).
+
+Before sending (or spooling), the socket and its directories are checked with a few ``lstat``
+calls (:func:`fleetbus.safepath.hook_socket_problem`): a socket that is a symlink or owned by
+another uid, or a directory on the way that is a symlink, another user's, or writable by group or
+world, gets nothing (the prompt text would go to whoever planted it); the hook returns False and
+reports why through ``on_refused``.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import errno
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import msgpack
 
 from fleetbus.adapters.base import tag_markers
+from fleetbus.safepath import hook_socket_problem
 
 EVENTS = ("prompt-submit", "prompt-queued", "turn-start", "turn-end", "session-start")
 #: Largest spool file (bytes) a hook appends to; beyond it events are dropped as before.
@@ -41,7 +49,7 @@ def _spool(path: str, data: bytes) -> bool:
         spool = spool_path(path)
         if os.path.exists(spool) and os.path.getsize(spool) > MAX_SPOOL_BYTES:
             return False
-        fd = os.open(spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, base64.b64encode(data) + b"\n")  # one write: appends never interleave
         finally:
@@ -64,14 +72,21 @@ def hook_frame(event: str, *, prompt: str = "", session_id: str | None = None, s
 
 
 def send_hook(event: str, *, prompt: str = "", session_id: str | None = None, source: str = "",
-              path: str | None = None) -> bool:
-    """Send one hook event to the slot's sidecar. Returns False (never raises) when it is down.
+              path: str | None = None, on_refused: Callable[[str], object] | None = None) -> bool:
+    """Send one hook event to the slot's sidecar. Returns False (never raises) when it is down,
+    or when the socket or a directory on its way is not safely ours (see the module docstring):
+    then nothing is sent or spooled and ``on_refused`` gets the reason (naming the path).
 
     ``path`` defaults to ``$FLEETBUS_HOOK_SOCKET``; ``source`` is the runtime's reason
     (``startup``, ``clear``...).
     """
     path = path or os.environ.get("FLEETBUS_HOOK_SOCKET")
     if not path:
+        return False
+    problem = hook_socket_problem(path)
+    if problem is not None:
+        if on_refused is not None:
+            on_refused(problem)
         return False
     try:
         data = hook_frame(event, prompt=prompt.encode("utf-8", "replace").decode("utf-8"), session_id=session_id,

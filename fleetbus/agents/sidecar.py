@@ -28,6 +28,14 @@ A file that cannot be written (a full disk, a read-only file system: the heartbe
 log, the hook spool it replays) never stops the sidecar: the failure is logged once per streak
 (:class:`FileFaults`) and the beat goes on; the router's view (PINGs) stays right, and ``fleet
 ps`` uses it while the router runs.
+
+Both hook sockets sit in the private 0700 runtime dir and are 0600; behind that first wall, the
+sidecar checks who is talking: every datagram must carry the sender's credentials
+(``SO_PASSCRED``/``SCM_CREDENTIALS``, filled in by the kernel) and every stream connection's peer
+(``SO_PEERCRED``) must have the sidecar's own uid. Anything else is dropped and counted
+(:attr:`Sidecar.refused_hooks`), and logged once per uid and socket, so a mode mistake on the slot's
+directory does not turn into a forged ack. The files the sidecar writes (heartbeat, ack log, pid
+file) are 0600 whatever the umask.
 """
 
 from __future__ import annotations
@@ -38,10 +46,12 @@ import logging
 import os
 import signal
 import socket
+import struct
 import time
 from collections import deque
 
 import anyio
+import anyio.abc
 import zmq
 import zmq.asyncio
 
@@ -52,6 +62,7 @@ from fleetbus.config import FleetConfig
 from fleetbus.logs import LogBudget
 from fleetbus.paths import FleetPaths, fleet_paths
 from fleetbus.router.procs import write_pidfile
+from fleetbus.safepath import atomic_write, open_private_file
 
 log = logging.getLogger("fleetbus.sidecar")
 
@@ -94,6 +105,17 @@ class FileFaults:
             log.info("the %s can be written again (%d write(s) failed over %.1f s)", kind, n, time.time() - since)
 
 
+#: Largest hook datagram read (bytes; a HOOK frame is well under 2 KiB). Longer ones are dropped.
+MAX_DATAGRAM = 65536
+#: Most datagrams read per wake-up before yielding to the other tasks (heartbeats go on under a flood).
+DATAGRAM_BATCH = 64
+#: Distinct refused uids remembered for log-once (then forgotten, so the memory stays bounded).
+MAX_REFUSED_UIDS = 256
+#: ``struct ucred`` (pid, uid, gid) of ``SO_PEERCRED`` and ``SCM_CREDENTIALS``.
+_UCRED = struct.Struct("3i")
+_wait_readable = getattr(anyio, "wait_readable", None) or anyio.wait_socket_readable  # anyio < 4.7
+
+
 class Sidecar:
     """Sidecar of ``slot`` in ``fleet``.
 
@@ -124,6 +146,10 @@ class Sidecar:
         self.faults = FileFaults()
         self._load_ack_log()
         self.expected: dict[str, float] = {}
+        #: hook datagrams and stream connections refused because they came from another uid
+        #: (or carried no credentials)
+        self.refused_hooks = 0
+        self._refused_uids: set[tuple[str, int | None]] = set()
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
         self.welcomed = False
@@ -136,6 +162,8 @@ class Sidecar:
     # -- socket --------------------------------------------------------------------------------
 
     def _connect(self) -> None:
+        if self.endpoint == self.paths.router_endpoint:
+            self.paths.check_socket("router.sock")  # PathError when planted (missing: the router is down)
         self.sock = self.ctx.socket(zmq.DEALER)
         if self.curve is None:  # a remote router picks our routing id: nobody can take it over there
             self.sock.setsockopt(zmq.ROUTING_ID, f"sc:{self.slot.name}".encode())
@@ -194,12 +222,9 @@ class Sidecar:
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
-        tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write(path, "".join(x + "\n" for x in keep))
         except OSError as e:
-            _unlink_quietly(tmp)
             self.faults.failed("ack log", path, e)
 
     def _log_ack(self, ack: P.Ack) -> None:
@@ -208,8 +233,11 @@ class Sidecar:
         self.recent_acks.append((now, ack))
         path = self.paths.ack_log(self.slot.name)
         try:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"t": now, "id": ack.id, "s": ack.session_id}) + "\n")
+            fd = open_private_file(path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, (json.dumps({"t": now, "id": ack.id, "s": ack.session_id}) + "\n").encode())
+            finally:
+                os.close(fd)
         except OSError as e:
             self.faults.failed("ack log", path, e)
         else:
@@ -232,17 +260,14 @@ class Sidecar:
             return False
 
     def write_heartbeat(self) -> bool:
-        """Rewrite the heartbeat file atomically. False when it cannot be written (a full disk):
-        logged once per streak, the partial temporary file removed; the sidecar carries on."""
+        """Rewrite the heartbeat file atomically (0600). False when it cannot be written (a full
+        disk): logged once per streak, the partial temporary file removed; the sidecar carries on."""
         path = self.paths.heartbeat_file(self.slot.name)
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(f"ts={time.time():.3f}\npid={os.getpid()}\nstatus={self.state}\n"
-                           f"heartbeat_ms={self.heartbeat_ms}\nliveness={self.liveness}\n"
-                           f"connected={int(self.welcomed)}\n")
-            os.replace(tmp, path)
+            atomic_write(path, f"ts={time.time():.3f}\npid={os.getpid()}\nstatus={self.state}\n"
+                               f"heartbeat_ms={self.heartbeat_ms}\nliveness={self.liveness}\n"
+                               f"connected={int(self.welcomed)}\n")
         except OSError as e:
-            _unlink_quietly(tmp)
             self.faults.failed("heartbeat file", path, e)
             return False
         self.faults.ok("heartbeat file")
@@ -400,26 +425,75 @@ class Sidecar:
             if self.welcomed:
                 self._ping()
 
-    async def hook_loop(self) -> None:
+    def _refuse(self, uid: int | None, pid: int | None, what: str) -> None:
+        """Count a hook datagram or connection from another uid (None: no credentials); log the
+        first one of each uid (per socket kind)."""
+        self.refused_hooks += 1
+        if (what, uid) in self._refused_uids:
+            return
+        if len(self._refused_uids) >= MAX_REFUSED_UIDS:
+            self._refused_uids.clear()
+        self._refused_uids.add((what, uid))
+        who = "a sender without credentials" if uid is None else f"uid {uid} (pid {pid})"
+        log.warning("refused hook %s from %s: only uid %d may talk to this sidecar; check the modes of %s "
+                    "(must be 0700)", what, who, os.getuid(), self.paths.hook_socket(self.slot.name).parent)
+
+    def _bind_hook_socket(self) -> socket.socket:
+        """The non-blocking datagram socket of ``$FLEETBUS_HOOK_SOCKET``, 0600, with
+        ``SO_PASSCRED`` so every datagram carries its sender's pid/uid/gid."""
         path = self.paths.hook_socket(self.slot.name)
         path.unlink(missing_ok=True)
-        old = os.umask(0o077)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            # local_mode too: the two loops' umask windows overlap across awaits (umask is per process)
-            sock = await anyio.create_unix_datagram_socket(local_path=path, local_mode=0o600)
-        finally:
-            os.umask(old)
-        async with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            old = os.umask(0o077)
+            try:
+                sock.bind(str(path))
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)  # the umask windows of the two loops can overlap (umask is per process)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _read_datagrams(self, sock: socket.socket) -> None:
+        """Handle up to DATAGRAM_BATCH waiting datagrams: only those whose kernel-given
+        credentials carry our uid."""
+        me = os.getuid()
+        ancsize = socket.CMSG_SPACE(_UCRED.size)
+        for _ in range(DATAGRAM_BATCH):
+            try:
+                data, anc, flags, _ = sock.recvmsg(MAX_DATAGRAM, ancsize)
+            except (BlockingIOError, InterruptedError):
+                return
+            uid = pid = None
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(cdata) >= _UCRED.size:
+                    pid, uid, _gid = _UCRED.unpack_from(cdata)
+            if uid != me:
+                self._refuse(uid, pid, "datagram")
+                continue
+            if flags & socket.MSG_TRUNC:
+                log.warning("dropped hook datagram over %d bytes", MAX_DATAGRAM)
+                continue
+            try:
+                ev = P.decode(data)
+            except P.ProtocolError as e:
+                log.warning("dropped malformed hook datagram: %s", e)
+                continue
+            if isinstance(ev, P.HookEvent):
+                self.on_hook(ev)
+
+    async def hook_loop(self) -> None:
+        sock = self._bind_hook_socket()
+        try:
             self._replay_spool_safely()  # after binding: a hook that still failed wrote before this
             while True:
-                data, _ = await sock.receive()
-                try:
-                    ev = P.decode(data)
-                except P.ProtocolError as e:
-                    log.warning("dropped malformed hook datagram: %s", e)
-                    continue
-                if isinstance(ev, P.HookEvent):
-                    self.on_hook(ev)
+                await _wait_readable(sock)
+                self._read_datagrams(sock)
+        finally:
+            sock.close()
 
     async def stream_loop(self) -> None:
         """Accept JSON-line hook events from in-process extensions (pi, opencode) on
@@ -434,21 +508,29 @@ class Sidecar:
         async with listener:
             await listener.serve(self._stream_client)
 
-    async def _stream_client(self, conn: anyio.abc.ByteStream) -> None:
-        """Read JSON lines from one connection. At most MAX_STREAM_CONNS connections are served
+    async def _stream_client(self, conn: anyio.abc.SocketStream) -> None:
+        """Read JSON lines from one connection of this sidecar's own uid (``SO_PEERCRED``; another
+        uid's connection is closed and counted). At most MAX_STREAM_CONNS connections are served
         at once (another is closed at once); a line longer than :attr:`max_stream_line` is
         skipped up to its newline. Buffering is linear in the bytes received."""
-        if self.stream_conns >= MAX_STREAM_CONNS:
-            self.stream_refused += 1
-            if self._stream_log.allow("busy"):
-                log.warning("closed a hook stream connection: %d are served already (%d closed so far)",
-                            MAX_STREAM_CONNS, self.stream_refused)
-            await conn.aclose()
-            return
-        self.stream_conns += 1
-        buf = bytearray()
-        skipping = False  # inside a line over the limit: dropped up to its newline
         async with conn:
+            try:
+                raw = conn.extra(anyio.abc.SocketAttribute.raw_socket)
+                pid, uid, _gid = _UCRED.unpack(raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            except (OSError, struct.error, anyio.TypedAttributeLookupError):
+                pid = uid = None
+            if uid != os.getuid():
+                self._refuse(uid, pid, "stream connection")
+                return
+            if self.stream_conns >= MAX_STREAM_CONNS:
+                self.stream_refused += 1
+                if self._stream_log.allow("busy"):
+                    log.warning("closed a hook stream connection: %d are served already (%d closed so far)",
+                                MAX_STREAM_CONNS, self.stream_refused)
+                return
+            self.stream_conns += 1
+            buf = bytearray()
+            skipping = False  # inside a line over the limit: dropped up to its newline
             try:
                 while True:
                     chunk = await conn.receive(65536)
@@ -524,10 +606,3 @@ class Sidecar:
                 # a sidecar that was stopped leaves no heartbeat; one that was killed leaves a stale one
                 self.paths.heartbeat_file(self.slot.name).unlink(missing_ok=True)
                 self.paths.sidecar_pidfile(self.slot.name).unlink(missing_ok=True)
-
-
-def _unlink_quietly(path: object) -> None:
-    try:
-        os.unlink(path)  # type: ignore[arg-type]
-    except OSError:
-        pass

@@ -1,8 +1,9 @@
 """Starting and stopping fleetbus's own background processes (router, sidecars) by pid.
 
 Processes are started in their own session (``setsid``) so they outlive the command that
-started them, with output appended to a log under the state dir (until the process takes its log
-over with ``--log-file``: rotated, standard output and error included; :mod:`fleetbus.logs`). They are found again through
+started them, with output appended to a log under the state dir (0600 whatever the umask; pid
+files too), until the process takes its log over with ``--log-file`` (rotated, standard output
+and error included; :mod:`fleetbus.logs`). They are found again through
 pid files, checked against the live process table (pid and command line) so a reused pid is
 never mistaken for ours, and stopped by pid, never by name.
 """
@@ -20,6 +21,7 @@ import psutil
 
 from fleetbus.config import FleetConfig
 from fleetbus.paths import FleetPaths
+from fleetbus.safepath import atomic_write, open_private_file
 
 
 def read_pid(pidfile: Path, *must_contain: str) -> int | None:
@@ -39,9 +41,8 @@ def read_pid(pidfile: Path, *must_contain: str) -> int | None:
 
 
 def write_pidfile(pidfile: Path) -> None:
-    tmp = pidfile.with_suffix(".tmp")
-    tmp.write_text(f"{os.getpid()}\n")
-    os.replace(tmp, pidfile)
+    """Write this process's pid to ``pidfile`` atomically (0600, see :func:`fleetbus.safepath.atomic_write`)."""
+    atomic_write(pidfile, f"{os.getpid()}\n")
 
 
 def _fleet_argv(fleet: FleetConfig, *args: str) -> list[str]:
@@ -51,11 +52,15 @@ def _fleet_argv(fleet: FleetConfig, *args: str) -> list[str]:
 
 
 def spawn(argv: list[str], log: Path) -> int:
-    """Start ``argv`` detached (new session, stdin from /dev/null, output appended to ``log``)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+    """Start ``argv`` detached (new session, stdin from /dev/null, output appended to ``log``,
+    which is opened without following links and kept 0600)."""
+    log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = open_private_file(log, os.O_WRONLY | os.O_APPEND)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True)
+    finally:
+        os.close(fd)
     return proc.pid
 
 

@@ -45,6 +45,7 @@ from fleetbus.router.slotops import RequestError, SlotOps  # RequestError: tasks
 from fleetbus.router.status import Beat, collect_status
 from fleetbus.router.supervisor import Supervisor
 from fleetbus.router.tasks import Dispatcher
+from fleetbus.safepath import atomic_write, open_private_file
 from fleetbus.transports.base import LaunchSpec, SlotNotFound, Transport, TransportError, resolve_transport
 
 log = logging.getLogger("fleetbus.router")
@@ -92,9 +93,7 @@ def launch_spec(fleet: FleetConfig, paths: FleetPaths, slot: Slot) -> LaunchSpec
         slot_dir = paths.slot_dir(slot.name)
         slot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for name, content in hooks.files.items():
-            tmp = slot_dir / f".{name}.tmp"
-            tmp.write_text(content)
-            os.replace(tmp, slot_dir / name)
+            atomic_write(slot_dir / name, content)  # 0600, never through a link
         argv += [a.replace("{slot_dir}", str(slot_dir)) for a in hooks.args]
         hook_env = {k: v.replace("{slot_dir}", str(slot_dir)) for k, v in hooks.env.items()}
     else:
@@ -184,7 +183,7 @@ class Router(MessagePath, SlotOps, TcpEndpoint):
     # -- startup / shutdown --------------------------------------------------------------------
 
     def _acquire_lock(self) -> None:
-        fd = os.open(self.paths.router_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_private_file(self.paths.router_lock, os.O_RDWR)
         # clients probe the lock with a shared flock for microseconds (FleetPaths.router_running):
         # retry briefly so a probe never makes a starting router give up
         deadline = time.monotonic() + 2.0
