@@ -90,7 +90,7 @@ class Dealer:
 # --- fuzzed frames ---------------------------------------------------------------------------------
 
 #: what the router does with a frame that decodes: answers it, or drops and counts it
-ANSWERED = ("SEND", "PUBLISH", "TASK", "PS", "HEALTH", "START", "STOP", "RESTART", "RESET", "INTERRUPT", "SHUTDOWN", "HELLO",
+ANSWERED = ("SEND", "PUBLISH", "TASK", "PS", "HEALTH", "START", "STOP", "RESTART", "RESET", "INTERRUPT", "SHUTDOWN", "KEYS", "HELLO",
             "PING", "ACK", "BYE", "HOOK")
 COUNTED = ("RESULT", "EVENT", "WELCOME", "PONG", "EXPECT", "DISCONNECT")  # router -> peer kinds
 
