@@ -235,20 +235,9 @@ def test_prune_gives_the_space_back(tmp_path):
 
 @pytest.fixture
 def sidecar():
-    import shutil
-    import tempfile
+    from tests.test_sidecar_hooks import make_sidecar
 
-    from fleetbus.agents.sidecar import Sidecar
-    from fleetbus.paths import FleetPaths
-
-    base = Path(tempfile.mkdtemp(prefix="fb-lim-", dir="/tmp"))
-    fleet = parse_roster({"version": 1, "tenant": "t", "agents": [{"name": "a", "runtime": "pi"}]})
-    paths = FleetPaths(tenant="t", state_dir=base / "state", run_dir=base / "run", tmux_socket="x")
-    paths.ensure()
-    sc = Sidecar(fleet, "a", paths)
-    yield sc
-    sc.ctx.term()
-    shutil.rmtree(base, ignore_errors=True)
+    yield from make_sidecar("pi")
 
 
 def _stream(sidecar, body):

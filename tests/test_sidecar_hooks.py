@@ -20,16 +20,22 @@ from fleetbus.paths import FleetPaths
 MID, MID2 = "0123456789ab", "ba9876543210"
 
 
-@pytest.fixture
-def sidecar():
+def make_sidecar(runtime: str = "stub"):
+    """An unstarted :class:`Sidecar` of slot ``a`` (runtime ``runtime``) in a throwaway state and
+    runtime dir; a generator for fixtures (yields it, then removes everything)."""
     base = Path(tempfile.mkdtemp(prefix="fb-sc-", dir="/tmp"))
-    fleet = parse_roster({"version": 1, "tenant": "t", "agents": [{"name": "a", "runtime": "stub"}]})
+    fleet = parse_roster({"version": 1, "tenant": "t", "agents": [{"name": "a", "runtime": runtime}]})
     paths = FleetPaths(tenant="t", state_dir=base / "state", run_dir=base / "run", tmux_socket="x")
     paths.ensure()
     sc = Sidecar(fleet, "a", paths)
     yield sc
     sc.ctx.term()
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def sidecar():
+    yield from make_sidecar()
 
 
 def hook(event, prompt="", session=None, source=""):
