@@ -124,10 +124,13 @@ class Hello(_Env):
 
 
 class Ping(_Env):
-    """Sidecar heartbeat carrying the runtime's state as reported by its hooks."""
+    """Sidecar heartbeat carrying the runtime's state as reported by its hooks; ``state_at`` is
+    the Unix time (s, the sidecar's clock, as :attr:`Ack.at`) of the hook event that set it
+    (None before the first), so the router can tell a turn that ended after an ack."""
 
     kind: Literal["PING"] = "PING"
     state: SlotState = "unknown"
+    state_at: float | None = None
     runtime_pid: Pid | None = None
     pane_alive: bool | None = None
     task: Ident | None = None

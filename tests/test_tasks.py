@@ -261,6 +261,53 @@ def test_router_restart_resumes_tasks(make_fleet, tmp_path):
         assert sum(p.endswith(f"] job {i}") for p in taken) == 1, (i, taken)
 
 
+def test_task_whose_ack_is_replayed_after_the_idle_report_ends_done(make_fleet, tmp_path):
+    """Issue 14, item 3: the router dies while a task's message waits in the runtime's own queue;
+    the runtime takes it and ends that turn while no router runs. The restarted router hears the
+    re-registered sidecar report ``idle`` first and the replayed ack after it: the task must end
+    ``done`` (it stayed ``accepted`` until its timeout before), and the stub took it once."""
+    rec = tmp_path / "r0.jsonl"
+    fe = make_fleet(roster(stub("r0", "reviewer", 2000, record=str(rec))))
+    fe.up()
+    from fleetbus import ops
+    from fleetbus.router import procs
+    from fleetbus.transports.tmux import TmuxTransport, target
+
+    tmux = TmuxTransport(fe.paths.tmux_socket)
+    wait_for(lambda: "stub>" in tmux.run_sync("capture-pane", "-p", "-t", target("r0")), timeout=30,
+             what="the stub's prompt")
+    tmux.run_sync("send-keys", "-t", target("r0"), "-l", "warm-up typed by hand")
+    tmux.run_sync("send-keys", "-t", target("r0"), "Enter")
+    wait_for(lambda: rec.exists() and "warm-up" in rec.read_text(), timeout=30,
+             what=f"the stub busy with a turn ({tmux.run_sync('capture-pane', '-p', '-t', target('r0'))!r})")
+    with SyncFleet.connect(fe.fleet) as fleet:
+        task = fleet.publish("r0", "queued job", allow_busy=True, timeout_s=120, wait="assigned")
+
+    def message_state():
+        j = Journal(fe.paths.journal, readonly=True)
+        try:
+            return {m.body.split("] ", 1)[-1]: m.state for m in j.messages(limit=100)}.get("queued job")
+        finally:
+            j.close()
+
+    wait_for(lambda: message_state() == "runtime-queued", what="the task's message in the stub's queue")
+    router = procs.router_pid(fe.paths)
+    os.kill(router, signal.SIGSTOP)  # it reads nothing more: the ack and the turn-end wait in its socket
+    try:
+        wait_for(lambda: "queued job" in rec.read_text(), timeout=30, what="the stub took the task's message")
+        wait_for(lambda: "reply #2" in tmux.run_sync("capture-pane", "-p", "-t", target("r0")), timeout=30,
+                 what="the task's turn ended")
+    finally:
+        os.kill(router, signal.SIGKILL)
+        os.kill(router, signal.SIGCONT)
+    wait_for(lambda: procs.router_pid(fe.paths) is None, what="router gone")
+    ops.up(fe.fleet, fe.paths, timeout_s=30)
+    with SyncFleet.connect(fe.fleet) as fleet:
+        end = fleet.task(task.id, wait="done", timeout_s=30)
+    assert end.state == "done", (end.state, end.code, end.detail)
+    assert sum("queued job" in line for line in rec.read_text().splitlines()) == 1
+
+
 def test_example_orchestrator_runs_against_the_demo_fleet(tmp_path):
     """examples/orchestrator.py starts the demo fleet in its own FLEETBUS_HOME, runs its tasks
     and tears the fleet down: exit 0, every task done, both reviewers used, no overlap."""

@@ -396,6 +396,45 @@ def test_claude_queued_indicator_outside_input_region_is_queued():
     assert verify.is_queued(CLAUDE, s) and verify.is_busy(CLAUDE, s)
 
 
+def test_claude_a_taken_message_is_accepted_while_another_waits_in_the_queue():
+    # issue 14: with two queued, the first is taken (it moves into the transcript) while the
+    # second still waits; the queue indicator alone must not keep the first "queued"
+    other = "fedcba987654"
+    lines = [f"❯ [fleet#{'f' * 12} ops -> cc] SLOW first", "⏺ done", f"❯ [fleet#{MID} ops -> cc] second",
+             "✻ Working… (esc to interrupt)", f"  ❯ [fleet#{other} ops -> cc] third", RULE,
+             "❯\u00a0Press up to edit queued messages", RULE]
+    s = scr(lines, cursor_y=6)
+    assert classify(CLAUDE, s, MK) == "accepted"
+    assert classify(CLAUDE, s, marker(other)) == "queued"
+
+
+def stub_screen(rows):
+    return scr(padded(rows, 12), cursor_y=len(rows) - 1, width=60, height=12)
+
+
+def test_stub_queue_area_tells_queued_from_taken():
+    # the stub's screen as captured from tmux (60x12) during a turn, then after the first reply;
+    # the submitted line stays above the queue area, so only the queue area tells
+    a, b, c = "aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc"
+    during = ["fleetbus stub agent (slot ?, session 377744bd)", f"stub> [fleet#{a} ops -> a] first",
+              f"stub> [fleet#{b} ops -> a] second one is a bit long", "er than the width of the pane so it wraps ok",
+              f"stub> [fleet#{c} ops -> a] third", f"(queued) [fleet#{b} ops -> a] second one is a bit",
+              f"(queued) [fleet#{c} ops -> a] third", "stub> "]
+    s = stub_screen(during)
+    assert [classify(STUB, s, marker(x)) for x in (a, b, c)] == ["accepted", "queued", "queued"]
+    after = during[:5] + [f"reply #1: got 35 chars in 1 line(s): [fleet#{a} ops", " -> a] first",
+                          f"(queued) [fleet#{c} ops -> a] third", "stub> "]
+    s = stub_screen(after)
+    assert [classify(STUB, s, marker(x)) for x in (a, b, c)] == ["accepted", "accepted", "queued"]
+
+
+def test_a_queued_message_whose_row_is_not_shown_stays_queued():
+    # a queue area that shows other prompts (or a cut preview) and no sign of this one: queued,
+    # never accepted (issue 14: a queued prompt must not be journaled accepted)
+    s = stub_screen(["stub> hello", f"(queued) [fleet#{'c' * 12} ops -> a] third", "stub> "])
+    assert classify(STUB, s, MK) == "queued"
+
+
 def test_queue_words_in_the_input_line_are_not_queued():
     s = scr([RULE, "❯   ❯ not a queue row", RULE], cursor_y=1)
     assert not verify.is_queued(CLAUDE, s)

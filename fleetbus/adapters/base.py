@@ -123,6 +123,10 @@ class Adapter:
             runtimes without hooks, or whose hook is built in (the stub).
         queued: regex searched in the visible rows outside the input region: the TUI holds a
             submitted message in its own queue while a turn runs (``send`` answers ``queued``).
+        queue_shows_text: the TUI shows each queued message's text (so its tag) on a ``queued``
+            row or on the rows below it, up to the next blank row (its queue area): a message is
+            then ``queued`` only while its marker is in that area, and taken once its marker shows
+            elsewhere above the input line, whatever else is queued (:func:`fleetbus.router.verify.classify`).
         busy: regex searched in the visible rows: a turn is running (``fleet interrupt`` waits
             until it is gone).
         paste_placeholder: regex searched in the input region: a collapsed large paste sits
@@ -155,6 +159,7 @@ class Adapter:
     placeholders: tuple[str, ...] = ()
     hook_setup: Callable[[str], HookSetup] | None = None
     queued: re.Pattern[str] | None = None
+    queue_shows_text: bool = False
     busy: re.Pattern[str] | None = None
     paste_placeholder: re.Pattern[str] | None = None
     reset_event: Literal["session-start", "screen"] = "session-start"

@@ -42,6 +42,7 @@ CLAUDE = Adapter(
     placeholders=("Press up to edit queued messages", "Try \""),
     hook_setup=_hooks,
     queued=re.compile(r"^\s+❯\s"),
+    queue_shows_text=True,
     busy=re.compile(r"esc to interrupt"),
     paste_placeholder=re.compile(r"\[Pasted text #\d+"),
     reset_event="session-start",

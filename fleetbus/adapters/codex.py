@@ -123,6 +123,7 @@ CODEX = CodexAdapter(
     placeholders=("Ask Codex to do anything", "Ask a follow-up question"),
     hook_setup=_hooks,
     queued=re.compile(r"Messages to be submitted (?:after next tool call|at end of turn)|Queued follow-up inputs"),
+    queue_shows_text=True,
     busy=re.compile(r"esc to interrupt\)"),
     paste_placeholder=re.compile(r"\[Pasted Content \d+ chars\]"),
     reset_event="screen",

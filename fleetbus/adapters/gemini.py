@@ -154,6 +154,7 @@ GEMINI = Adapter(
                   "Press 'i' for INSERT mode."),
     hook_setup=_hooks,
     queued=re.compile(r"^\s*Queued \(press \S+ to edit\):"),
+    queue_shows_text=True,
     busy=re.compile(r"\(esc to cancel\b"),
     paste_placeholder=re.compile(r"\[Pasted Text: \d+ (?:lines|chars)(?: #\d+)?\]"),
     reset_event="session-start",

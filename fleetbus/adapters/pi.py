@@ -111,6 +111,7 @@ PI = Adapter(
     marker_style="prefix",
     hook_setup=_hooks,
     queued=re.compile(r"(?m)^ (?:Steering|Follow-up): "),
+    queue_shows_text=True,
     busy=re.compile(r"(?m)^ [⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] (?:Working\.\.\.|Compacting context\.\.\.|Retrying \()"),
     paste_placeholder=re.compile(r"\[paste #\d+(?: \+\d+ lines| \d+ chars)?\]"),
     reset_event="session-start",

@@ -138,6 +138,7 @@ class Sidecar:
         self.heartbeat_ms = self.slot.heartbeat_ms
         self.liveness = self.slot.liveness
         self.state = "unknown"
+        self.state_at: float | None = None  # Unix s of the hook event that set ``state``
         self.session_id: str | None = None
         self.session_announced = False
         self.side_events = 0
@@ -194,7 +195,7 @@ class Sidecar:
                                   heartbeat_ms=self.heartbeat_ms))
 
     def _ping(self) -> bool:
-        return self._send(P.Ping(state=self.state, session_id=self.session_id))
+        return self._send(P.Ping(state=self.state, state_at=self.state_at, session_id=self.session_id))
 
     def _flush_acks(self) -> None:
         while self.pending_acks and self.welcomed:
@@ -218,7 +219,7 @@ class Sidecar:
             try:
                 rec = json.loads(line)
                 if float(rec["t"]) >= horizon:
-                    self.recent_acks.append((float(rec["t"]), P.Ack(id=str(rec["id"]), session_id=rec.get("s"))))
+                    self.recent_acks.append((float(rec["t"]), P.Ack(id=str(rec["id"]), session_id=rec.get("s"), at=float(rec["t"]))))
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
@@ -421,7 +422,7 @@ class Sidecar:
         if self.welcomed:
             self._send(ev)
         if new_state != self.state:
-            self.state = new_state
+            self.state, self.state_at = new_state, ev.at
             if self.welcomed:
                 self._ping()
 

@@ -9,12 +9,14 @@ It behaves like an agent TUI where it matters for delivery:
 - on submit it reports ``prompt-submit`` (with the prompt) and ``turn-start`` through the hook
   path, prints a reply above its input line after ``--think-ms``, then reports ``turn-end``;
   its input line stays open during a turn, and prompts submitted then are queued (reported as
-  ``prompt-queued``) and taken (``prompt-submit``) when the turn ends, as agent TUIs do; C-c ends
-  the turn (``turn-end``) and drops the queue; ``/clear`` starts a new session and reports
-  ``session-start``;
+  ``prompt-queued``) and taken (``prompt-submit``) when the turn ends, as agent TUIs do. Like
+  them it shows its queue: one ``(queued) <first line>`` row per waiting prompt, drawn right
+  above its input line (its queue area) and removed, in the same screen update that prints the
+  turn's reply, once the prompt is taken; C-c ends the turn (``turn-end``) and drops the queue;
+  ``/clear`` starts a new session and reports ``session-start``;
 - ``--ignore-enter`` models a program that never submits on Enter (the text stays a draft);
 - ``--record FILE`` (or ``$FLEETBUS_STUB_RECORD``) appends one JSON line ``{"at": <unix s>,
-  "session": <id>, "prompt": <text>}`` for every prompt it takes into a turn, written and flushed
+  "session": <id>, "prompt": <text>}`` for every prompt it takes into a turn, written and fsynced
   before its ``prompt-submit`` hook: tests count deliveries from it (exactly once, none lost).
 
 Run: ``python -m fleetbus.agents.stub [--think-ms MS] [--ignore-enter] [--record FILE]`` (``fleet-stub``).
@@ -31,6 +33,7 @@ import sys
 import termios
 import time
 import tty
+import unicodedata
 import uuid
 
 from fleetbus.agents.hook import send_hook
@@ -38,6 +41,24 @@ from fleetbus.agents.hook import send_hook
 PASTE_START = b"\x1b[200~"
 PASTE_END = b"\x1b[201~"
 PROMPT = "stub> "
+#: The start of each row of the stub's queue area (``Adapter.queued`` of the stub adapter).
+QUEUED_ROW = "(queued) "
+
+
+def cells(text: str) -> int:
+    """Terminal cells ``text`` occupies (East Asian wide and fullwidth characters count 2)."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def clip(text: str, width: int) -> str:
+    """``text`` cut to at most ``width`` cells."""
+    out, n = [], 0
+    for ch in text:
+        n += cells(ch)
+        if n > width:
+            break
+        out.append(ch)
+    return "".join(out)
 
 
 class Stub:
@@ -57,6 +78,28 @@ class Stub:
         self.queue: list[str] = []
         self.current: str | None = None
         self.turn_end = 0.0
+        self.shown = 0  # rows of the queue area drawn above the input line
+
+    def width(self) -> int:
+        """The terminal's width in cells (80 when the output is no terminal)."""
+        try:
+            return max(20, os.get_terminal_size(self.out.fileno()).columns)
+        except (AttributeError, OSError, ValueError):
+            return 80
+
+    def home(self) -> str:
+        """Escape sequence that moves the cursor from the end of the input line to the first row
+        of the queue area (or of the input line) and clears from there to the end of the screen."""
+        n = cells(self.render_input())
+        up = (n - 1) // self.width() + self.shown if n else self.shown
+        return (f"\x1b[{up}A" if up else "") + "\r\x1b[J"
+
+    def block(self) -> str:
+        """The queue area (one row per waiting prompt) and the input line, from a cleared row."""
+        w = self.width()
+        rows = [clip(QUEUED_ROW + q.split("\n", 1)[0], w - 1) for q in self.queue]
+        self.shown = len(rows)
+        return "".join(r + "\r\n" for r in rows) + self.render_input()
 
     def write(self, s: str) -> None:
         self.out.write(s)
@@ -71,21 +114,20 @@ class Stub:
 
     def submit(self) -> None:
         text = "".join(self.draft)
+        out = self.home() + self.render_input() + "\r\n"  # the submitted line, above the queue area
         self.draft = []
-        self.write("\r\n")
         if text.strip() == "/clear" and self.current is None:
             self.session_id = uuid.uuid4().hex
             self.queue.clear()
             send_hook("session-start", session_id=self.session_id)
-            self.write("(new session)\r\n")
+            out += "(new session)\r\n"
         elif text.strip():
             if self.current is None:
                 self.start_turn(text)
             else:  # busy: hold it, as agent TUIs queue prompts typed during a turn
                 self.queue.append(text)
                 send_hook("prompt-queued", prompt=text, session_id=self.session_id)
-                self.write(f"(queued, {len(self.queue)} waiting)\r\n")
-        self.write(self.render_input())
+        self.write(out + self.block())  # one update: a queued prompt never shows without its queue row
 
     def start_turn(self, text: str) -> None:
         # taking a prompt and reporting it is one step: a SIGHUP (its tmux server died) or SIGTERM
@@ -95,6 +137,7 @@ class Stub:
             if self.record is not None:
                 self.record.write(json.dumps({"at": time.time(), "session": self.session_id, "prompt": text}) + "\n")
                 self.record.flush()
+                os.fsync(self.record.fileno())
             send_hook("prompt-submit", prompt=text, session_id=self.session_id)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
@@ -108,21 +151,22 @@ class Stub:
             text, self.current = self.current, None
             self.turns += 1
             first = text.split("\n", 1)[0]
-            self.write(f"\r\x1b[Kreply #{self.turns}: got {len(text)} chars in {text.count(chr(10)) + 1} line(s): "
-                       f"{first[:80]}\r\n")
+            out = self.home() + (f"reply #{self.turns}: got {len(text)} chars in {text.count(chr(10)) + 1} line(s): "
+                                 f"{first[:80]}\r\n")
             send_hook("turn-end", session_id=self.session_id)
             if self.queue:
                 self.start_turn(self.queue.pop(0))
-            self.write(self.render_input())
+            self.write(out + self.block())
 
     def interrupt(self) -> None:
         """C-c: drop the draft, the queue and the current turn (reported as ``turn-end``)."""
+        out = self.home()
         self.draft = []
         self.queue.clear()
         if self.current is not None:
             self.current = None
             send_hook("turn-end", session_id=self.session_id, source="interrupt")
-        self.write("^C\r\n" + PROMPT)
+        self.write(out + "^C\r\n" + self.block())
 
     def timeout(self) -> float | None:
         """Seconds until the current turn ends (None when idle)."""
@@ -163,8 +207,9 @@ class Stub:
                     self.draft[-1] = self.draft[-1][:-1]
                     self.write("\b \b")
             elif ch == "\x15":  # C-u: clear the line
+                out = self.home()
                 self.draft = []
-                self.write("\r\x1b[K" + PROMPT)
+                self.write(out + self.block())
             elif ch >= " " or ch == "\t":
                 self.add_text(ch)
 

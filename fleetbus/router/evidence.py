@@ -43,6 +43,46 @@ class Evidence:
             await w.accepted.wait()
         return w.accepted.is_set()
 
+    async def _look(self, slot: Slot, adapter: Any, mk: str, w: _Waiter, history: int = 0) -> str | None:
+        """One capture of ``slot``'s pane, classified for marker ``mk``
+        (:func:`fleetbus.router.verify.classify`) and kept in ``w.verdict``. None when the
+        runtime the message was typed into is gone: the pane vanished (its tmux server died, or
+        the slot was killed), its program exited, or another process runs in it (``w.pane_pid``);
+        ``w.died`` is set then, and a dead pane's last screen is classified into ``w.dead_verdict``."""
+        try:
+            scr = await self.transport.screen(slot.name, history=history)
+        except SlotNotFound:
+            w.died = True
+            return None
+        verdict = verify.classify(adapter, scr, mk)
+        if scr.dead or (w.pane_pid is not None and scr.pid is not None and scr.pid != w.pane_pid):
+            w.died = True
+            if scr.dead:
+                w.dead_verdict = verdict
+            return None
+        w.verdict = verdict
+        return verdict
+
+    async def _death_verdict(self, slot: Slot, adapter: Any, mk: str, w: _Waiter) -> str:
+        """What became of ``w``'s message after its runtime died: ``"ack"`` (its ack came, now or
+        within one heartbeat plus 0.5 s: a hook runtime may have spooled it), ``"pane"`` (the pane
+        last showed it taken), ``"requeue"`` (surely not taken: the slot's sidecar was connected
+        and no ack came, or the pane last showed it held in the TUI's queue or its input line), or
+        ``"unknown"`` (no evidence either way: a shell may have run it)."""
+        if w.accepted.is_set():
+            return "ack"
+        if w.use_ack or adapter.has_hook:
+            if await self._ack_after_death(slot, w):
+                return "ack"
+            if w.use_ack:
+                return "requeue"
+        seen = w.dead_verdict if w.dead_verdict not in (None, "pending") else w.verdict
+        if seen == "accepted":
+            return "pane"
+        if seen in ("queued", "draft"):
+            return "requeue"
+        return "unknown"
+
     def _sidecar_lost(self, w: _Waiter) -> bool:
         """The sidecar that was registered when ``w``'s message was typed is stale or replaced."""
         peer = self.table.peers.get(w.slot)
@@ -80,9 +120,8 @@ class Evidence:
             due = not draft_checked and time.monotonic() >= check_at
             if not (watch or due):
                 continue
-            try:
-                verdict = verify.classify(adapter, await self.transport.screen(slot.name), mk)
-            except SlotNotFound:
+            verdict = await self._look(slot, adapter, mk, w)
+            if verdict is None:  # the pane is gone or dead: so is its runtime
                 return None
             if verdict == "queued":
                 w.queued_at = time.monotonic()
@@ -109,11 +148,9 @@ class Evidence:
         still in the input line DRAFT_CHECK_S after typing gets the one extra submit key."""
         check_at = time.monotonic() + DRAFT_CHECK_S
         while time.monotonic() < deadline and not w.died:
-            try:
-                scr = await self.transport.screen(slot.name, history=HISTORY_ROWS)
-            except SlotNotFound:
+            verdict = await self._look(slot, adapter, mk, w, history=HISTORY_ROWS)
+            if verdict is None:  # the pane is gone or dead: so is its runtime
                 return None
-            verdict = verify.classify(adapter, scr, mk)
             if verdict == "accepted":
                 return result("accepted", id=w.msg_id, evidence="pane-diff", queued_ms=w.queued_ms(),
                               submit_retries=w.retries,
@@ -130,15 +167,15 @@ class Evidence:
         return None
 
     async def _final_verdict(self, slot: Slot, adapter: Any, mk: str, w: _Waiter, use_ack: bool,
-                             result: Any) -> P.SendResult:
-        """After the timeout: a draft gets one extra submit key in all (never re-typed text)."""
+                             result: Any) -> P.SendResult | None:
+        """After the timeout: a draft gets one extra submit key in all (never re-typed text).
+        None when the pane turned out gone or dead (``w.died`` is set then)."""
         msg_id, retries = w.msg_id, w.retries
         draft_detail = (f"the message sits unsubmitted in the input line of {slot.name!r} "
                         f"(one extra {adapter.submit.key} was sent)")
-        try:
-            verdict = verify.classify(adapter, await self.transport.screen(slot.name, history=HISTORY_ROWS), mk)
-        except SlotNotFound:
-            return result("unconfirmed", id=msg_id, detail=f"slot {slot.name!r} vanished during verification")
+        verdict = await self._look(slot, adapter, mk, w, history=HISTORY_ROWS)
+        if verdict is None:  # the runtime died: the caller decides (see MessagePath._verify)
+            return None
         if verdict == "queued" or w.queued_at is not None and verdict != "draft":
             return result("queued", id=msg_id, evidence="runtime-ack" if w.queued_ack else "pane-diff",
                           submit_retries=retries, queued_ms=w.queued_ms(),
@@ -157,8 +194,9 @@ class Evidence:
         if w.accepted.is_set():
             return result("accepted", id=msg_id, evidence="runtime-ack", submit_retries=1,
                           session_id=w.ack.session_id if w.ack else None)
-        scr = await self.transport.screen(slot.name, history=HISTORY_ROWS)
-        verdict = verify.classify(adapter, scr, mk)
+        verdict = await self._look(slot, adapter, mk, w, history=HISTORY_ROWS)
+        if verdict is None:
+            return None
         if verdict == "accepted" and not use_ack:
             return result("accepted", id=msg_id, evidence="pane-diff", submit_retries=1)
         if verdict == "draft":
@@ -182,6 +220,9 @@ class _Waiter:
         self.use_ack = False  # verified by the runtime's ack (its sidecar was connected)
         self.died = False  # the runtime died before acknowledging it (see Router._runtime_exited)
         self.peer: Any = None  # the sidecar registered when it was typed
+        self.pane_pid: int | None = None  # the pane's process when it was typed
+        self.verdict: str | None = None  # the latest pane verdict (verify.classify) of a live pane
+        self.dead_verdict: str | None = None  # the verdict of the dead pane's last screen
 
     def queued_ms(self) -> float | None:
         return None if self.queued_at is None else round((self.queued_at - self.started) * 1000, 3)

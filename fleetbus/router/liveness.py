@@ -48,6 +48,7 @@ class Peer:
     last_seen: float
     registered_at: float
     state: str = "unknown"
+    state_at: float | None = None  # Unix s (the sidecar's clock) of the hook event that set ``state``
     session_id: str | None = None
     stale: bool = False
     identity: str | None = None

@@ -285,16 +285,18 @@ class MessagePath(Evidence, JournalGuard):
 
 
     def _runtime_exited(self, slot: str, diag: dict[str, Any]) -> None:
-        """Supervisor exit listener: the program of ``slot`` died (or the tmux server did). A
-        message typed into it or held in its own queue that it never acknowledged, on a hook
-        runtime whose sidecar was connected (so an ack would have come), was taken by no one:
-        it goes back into the slot's queue, ahead of newer messages, and is typed into the
-        restarted runtime (``when=available``) or rejected ``slot-dead`` (``when=now``). On
-        pane-diff runtimes such a message stays as verification decides (a shell may have run
-        it)."""
+        """Supervisor exit listener: the program of ``slot`` died (or the tmux server did).
+        Verification of every message typed into it that it never acknowledged ends now
+        (verification also sees a vanished or dead pane itself, whichever comes first). One that
+        was surely not taken goes back into the slot's queue, ahead of newer messages, and is
+        typed into the restarted runtime (``when=available``) or rejected ``slot-dead``
+        (``when=now``): on a hook runtime whose sidecar was connected (an ack would have come),
+        or when the pane last showed it held (in the TUI's queue or its input line), whatever the
+        evidence was. Otherwise it is ``unconfirmed`` (a shell may have run it): see
+        :meth:`Evidence._death_verdict`."""
         for d in list(self.inflight.values()):
             w = d.waiter
-            if (d.rec.slot != slot or d.final is not None or w is None or w.accepted.is_set() or not w.use_ack
+            if (d.rec.slot != slot or d.final is not None or w is None or w.accepted.is_set()
                     or d.rec.state not in ("typing", "injected", "runtime-queued")):
                 continue
             w.died = True
@@ -357,7 +359,7 @@ class MessagePath(Evidence, JournalGuard):
         use_ack = adapter.has_hook and peer is not None and not peer.stale
         was_busy = (peer is not None and peer.state == "busy") or verify.is_busy(adapter, screen)
         w = d.waiter = self.waiters[rec.id] = _Waiter(slot.name, rec.id, d.t0)
-        w.use_ack, w.peer = use_ack, peer
+        w.use_ack, w.peer, w.pane_pid = use_ack, peer, screen.pid
         try:
             self.journal.set_state(rec, "typing", pane_pid=screen.pid)  # write-ahead: see _recover_one
         except JournalUnavailable as e:  # never typed without it: the message stays queued
@@ -403,12 +405,15 @@ class MessagePath(Evidence, JournalGuard):
                 r = await self._verify_by_pane(slot, adapter, mk, w, as_queued, deadline, result)
         else:
             r = await self._verify_by_pane(slot, adapter, mk, w, as_queued, deadline, result)
-        if w.died and not await self._ack_after_death(slot, w):
-            return False
         if r is None and w.accepted.is_set():  # the ack came just as the runtime died
             r = result("accepted", evidence="runtime-ack", submit_retries=w.retries, queued_ms=w.queued_ms(),
                        session_id=w.ack.session_id if w.ack else None)
-        r = r or await self._final_verdict(slot, adapter, mk, w, use_ack, result)
+        if r is None and not w.died:
+            r = await self._final_verdict(slot, adapter, mk, w, use_ack, result)
+        if r is None:  # the runtime died (or its pane vanished) before it took the message
+            r = await self._after_death(d, slot, adapter, mk, w)
+            if r is None:
+                return False
         if r.result != "queued":
             self._finish(d, r)
             return True
@@ -432,35 +437,53 @@ class MessagePath(Evidence, JournalGuard):
         limit = d.req.timeout_s if d.req.wait == "accepted" and d.req.timeout_s else P.QUEUE_TIMEOUT_S
         deadline = d.t0 + limit
         with anyio.move_on_after(max(0.0, deadline - time.monotonic())) as d.follow_scope:
-            while not w.accepted.is_set():
+            while not w.accepted.is_set() and not w.died:
                 if use_ack:
                     await w.accepted.wait()
                     break
                 await anyio.sleep(0.25)
-                try:
-                    scr = await self.transport.screen(slot.name, history=HISTORY_ROWS)
-                except SlotNotFound:
-                    break
-                if verify.classify(adapter, scr, mk) == "accepted":
+                if await self._look(slot, adapter, mk, w, history=HISTORY_ROWS) == "accepted":
                     self._finish(d, self._result(d, "accepted", evidence="pane-diff", queued_ms=queued.queued_ms,
                                                  submit_retries=w.retries))
                     return
+        if d.final is not None:
+            return
         if w.accepted.is_set():
             self._finish(d, self._result(d, "accepted", evidence="runtime-ack", queued_ms=queued.queued_ms,
                                          submit_retries=w.retries, session_id=w.ack.session_id if w.ack else None))
-        elif w.died and d.final is None and await self._ack_after_death(slot, w):
-            self._finish(d, self._result(d, "accepted", evidence="runtime-ack", queued_ms=queued.queued_ms,
-                                         submit_retries=w.retries, session_id=w.ack.session_id if w.ack else None))
-        elif w.died and d.final is None:
+        elif w.died:
+            r = await self._after_death(d, slot, adapter, mk, w, queued_ms=queued.queued_ms)
+            if r is not None:
+                self._finish(d, r)
+                return
             self._requeue(d)
             q = self._slot_queue(d.rec.slot)
             at = next((i for i, o in enumerate(q.items) if o.rec.state == "queued" and o.rec.created > d.rec.created),
                       len(q.items))
             q.items.insert(at, d)
             q.wake()
-        elif d.final is None:
+        else:
             self._finish(d, self._result(d, "unconfirmed", queued_ms=queued.queued_ms, submit_retries=w.retries,
                                          detail=f"held in the runtime's queue and not taken within {limit:g} s"))
+
+    async def _after_death(self, d: Delivery, slot: Slot, adapter: Any, mk: str, w: _Waiter,
+                           queued_ms: float | None = None) -> P.SendResult | None:
+        """The final result of ``d`` after the runtime it was typed into died
+        (:meth:`Evidence._death_verdict`), or None when it was surely not taken: the caller puts
+        it back in the slot's queue (:meth:`_requeue`)."""
+        outcome = await self._death_verdict(slot, adapter, mk, w)
+        qms = queued_ms if queued_ms is not None else w.queued_ms()
+        if outcome == "ack":
+            return self._result(d, "accepted", evidence="runtime-ack", submit_retries=w.retries, queued_ms=qms,
+                                session_id=w.ack.session_id if w.ack else None)
+        if outcome == "pane":
+            return self._result(d, "accepted", evidence="pane-diff", submit_retries=w.retries, queued_ms=qms,
+                                detail="the pane showed it taken before the runtime died")
+        if outcome == "requeue":
+            return None
+        return self._result(d, "unconfirmed", submit_retries=w.retries, queued_ms=qms,
+                            detail=f"the runtime of {slot.name!r} died (or its pane vanished) before an ack or the "
+                                   "pane showed it taken or held; it may have taken it, so it is not typed again")
 
     # -- recovery after a router restart --------------------------------------------------------
 
@@ -496,12 +519,16 @@ class MessagePath(Evidence, JournalGuard):
 
         1. a hook runtime's sidecar re-registers and replays its recent acks (waited for up to
            the slot's liveness period plus RECOVERY_GRACE_S): an ack makes it ``accepted``;
-        2. the marker anywhere in the pane (screen and RECOVERY_HISTORY_ROWS of scrollback)
+        2. the runtime it was typed into is gone (pane vanished, dead, or another pane pid) and
+           either the slot's sidecar is registered (its acks replayed: none was for it) or the
+           message was ``runtime-queued`` (held in the dead runtime's own queue): it goes back to
+           the slot's queue (:meth:`_requeue`) and is typed into the new runtime;
+        3. the marker anywhere in the pane (screen and RECOVERY_HISTORY_ROWS of scrollback)
            means it was typed: verification resumes (a draft gets its one submit key);
-        3. a message left ``typing`` whose marker is nowhere in the pane of the same process
+        4. a message left ``typing`` whose marker is nowhere in the pane of the same process
            (same pane pid) of a :attr:`Adapter.line_history` runtime was never typed: it is
            typed now;
-        4. anything else is ``unconfirmed`` (no evidence either way; it is not re-typed).
+        5. anything else is ``unconfirmed`` (no evidence either way; it is not re-typed).
         """
         rec, w = d.rec, d.waiter
         slot = self.fleet.slots[rec.slot]
@@ -528,13 +555,19 @@ class MessagePath(Evidence, JournalGuard):
         peer = self.table.peers.get(slot.name)
         use_ack = adapter.has_hook and peer is not None and not peer.stale
         w.peer = peer if use_ack else None
+        typing_pid = next((c["data"].get("pane_pid") for c in reversed(self.journal.changes_of(rec.id))
+                           if c["state"] == "typing"), None)
+        w.pane_pid = typing_pid
+        gone = screen is None or screen.dead or (typing_pid is not None and screen.pid != typing_pid)
+        if gone and (use_ack or rec.state == "runtime-queued"):
+            # the runtime it was typed into is gone, and the sidecar (registered, its acks replayed)
+            # has no ack for it, or the runtime's own queue held it: nobody took it
+            return self._requeue(d)
         if seen and screen is not None and not screen.dead:
             deadline = time.monotonic() + (d.req.timeout_s or self.fleet.roster.bus.verify_timeout_s)
             if not await self._verify(d, slot, adapter, mk, use_ack, False, deadline):
                 return self._requeue(d)
             return None
-        typing_pid = next((c["data"].get("pane_pid") for c in reversed(self.journal.changes_of(rec.id))
-                           if c["state"] == "typing"), None)
         if (rec.state == "typing" and not seen and adapter.line_history and screen is not None and not screen.dead
                 and typing_pid is not None and screen.pid == typing_pid):
             self.journal.set_state(rec, "queued", held_by="fleetbus", defer=True,

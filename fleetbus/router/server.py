@@ -448,6 +448,7 @@ class Router(MessagePath, SlotOps, TcpEndpoint):
                     self.publish("heartbeat", peer.slot, state=msg.state, previous=peer.state)
                     peer.state = msg.state
                     self.tasks.on_state(peer.slot, msg.state)
+                peer.state_at = msg.state_at
                 peer.session_id = msg.session_id or peer.session_id
                 tg.start_soon(self._send, addr, P.Pong())
             elif isinstance(msg, P.Ack):

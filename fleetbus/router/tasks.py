@@ -113,6 +113,7 @@ class _Task:
     changed: anyio.Event = field(default_factory=anyio.Event)
     turn_end: anyio.Event = field(default_factory=anyio.Event)
     acked: bool = False
+    acked_at: float | None = None  # Ack.at (Unix s, the sidecar's clock) of its message's ack
     scope: anyio.CancelScope | None = None
     journaled: bool = True  # its latest state is in the journal (False: kept in memory until it can be written)
 
@@ -421,7 +422,7 @@ class Dispatcher:
         self.idle_since[slot] = time.monotonic()  # used now: the least recently used goes first
         t.rec.slot = slot
         t.rec.options["attempt"] = t.rec.options.get("attempt", 0) + 1
-        t.acked = False
+        t.acked, t.acked_at = False, None
         t.turn_end = anyio.Event()
         self._set(t, "assigned", assigned_at=time.time())
         self.router._tg.start_soon(self._run, t)
@@ -535,7 +536,10 @@ class Dispatcher:
         router's start). A sidecar that registered after it (restarted, or re-registered with a
         new router) may have missed the turn-end, so then the task is also ``done`` when that
         sidecar reports ``idle``, or, for runtimes with a busy indicator (``Adapter.busy``),
-        when the pane shows the prompt and no busy indicator at two checks TICK_S apart."""
+        when the pane shows the prompt and no busy indicator at two checks TICK_S apart. Any
+        sidecar that reports ``idle`` since a time (``Ping.state_at``) after the ack's
+        (``Ack.at``, both the sidecar's clock) completes it too: that turn has ended (an ack
+        replayed after a router restart arrives after the sidecar's re-registration)."""
         since = self.router.table.clock() if since is None else since
         quiet = 0
         with anyio.move_on_after(max(0.0, self._deadline(t) - time.time())):
@@ -546,6 +550,11 @@ class Dispatcher:
                     self._finish(t, "done", detail="the runtime reported its turn complete")
                     return
                 peer = self.router.table.peers.get(t.rec.slot or "")
+                if (peer is not None and peer.state == "idle" and t.acked_at is not None
+                        and peer.state_at is not None and peer.state_at > t.acked_at):
+                    self._finish(t, "done", detail="the slot reported idle since a time after it took the "
+                                                   "task's message: its turn ended")
+                    return
                 if peer is None or peer.registered_at < since:
                     quiet = 0
                     continue  # the sidecar that saw the prompt taken will report its turn-end
@@ -589,16 +598,21 @@ class Dispatcher:
         self.wake()
 
     def on_ack(self, slot: str, ack: P.Ack) -> None:
-        """An ack from ``slot``'s sidecar (before the message path handles it): marks the task
-        whose message it acknowledges, so the slot's next ``turn-end`` completes it."""
+        """An ack from ``slot``'s sidecar (before the message path handles it; also one replayed
+        after a router restart): marks the task whose message it acknowledges, so the slot's next
+        ``turn-end``, or its report of ``idle`` since a time after the ack's, completes it."""
         if ack.stage != "accepted":
             return
         d = self.router.inflight.get(ack.id)
-        key = d.req.idempotency_key if d is not None else None
+        rec = d.rec if d is not None else None
+        if rec is None and self.holding.get(slot):
+            rec = self.router.journal.get(ack.id)
+        key = rec.idempotency_key if rec is not None else None
         for tid in self.holding.get(slot, ()):
             t = self.tasks.get(tid)
-            if t is not None and key == t.key:
+            if t is not None and key is not None and key == t.key:
                 t.acked = True
+                t.acked_at = ack.at
 
     def on_turn_end(self, slot: str) -> None:
         """``slot`` reported a turn complete: the oldest acknowledged task it holds is done."""

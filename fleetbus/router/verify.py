@@ -81,7 +81,9 @@ def classify(adapter: Adapter, screen: Screen, marker: str) -> PaneVerdict:
     - ``draft``: the marker sits in the input region (typed, not submitted), or the region shows
       the adapter's collapsed-paste placeholder;
     - ``queued``: the adapter's queue indicator is on screen outside the input region (the TUI
-      holds a submitted message until its turn ends);
+      holds a submitted message until its turn ends); for an adapter whose queue area shows the
+      messages' text (``queue_shows_text``), only while the marker is in that area (or nowhere
+      else above the input line), so a message taken while others wait is ``accepted``;
     - ``accepted``: the marker is on screen or in the captured history, outside the input region;
     - ``pending``: none of these (blank capture, not drawn yet, or scrolled away): never acceptance.
     """
@@ -90,16 +92,41 @@ def classify(adapter: Adapter, screen: Screen, marker: str) -> PaneVerdict:
     start, region, at_prompt = input_region(adapter, screen)
     if marker in region or (adapter.paste_placeholder is not None and adapter.paste_placeholder.search(region)):
         return "draft"
-    if _queued_outside(adapter, screen, start):
+    above = "".join(screen.history) + "".join(screen.lines[:start])
+    queue = queue_area(adapter, screen, start)
+    if queue is not None and (not adapter.queue_shows_text or mk_in(marker, queue) or marker not in above):
         return "queued"
     if not at_prompt and adapter.marker_style == "prefix" and adapter.prompt.pattern not in ("", "^"):
         # an agent TUI whose input line cannot be found (a multi-line draft it draws in a way the
         # walk cannot follow, or a redraw in progress): the marker above proves nothing
         return "pending"
-    above = "".join(screen.history) + "".join(screen.lines[:start])
     if marker in above:
         return "accepted"
     return "pending"
+
+
+def mk_in(marker: str, rows: list[str]) -> bool:
+    """``marker`` on one of ``rows``, or split across two of them by line wrapping."""
+    return marker in "".join(rows)
+
+
+def queue_area(adapter: Adapter, screen: Screen, start: int) -> list[str] | None:
+    """The rows of the TUI's queue area outside the input region (``start`` is its first row):
+    every visible row matching ``adapter.queued`` and the non-blank rows below it up to the next
+    blank row or the input region. None when no such row shows (nothing is queued)."""
+    if adapter.queued is None:
+        return None
+    cy = min(max(screen.cursor_y, 0), len(screen.lines) - 1) if screen.lines else 0
+    out: list[str] = []
+    for lo, hi in ((0, start), (cy + 1, len(screen.lines))):
+        i = lo
+        while i < hi:
+            if adapter.queued.search(screen.lines[i]):
+                while i < hi and screen.lines[i].strip():
+                    out.append(screen.lines[i])
+                    i += 1
+            i += 1
+    return out or None
 
 
 def is_queued(adapter: Adapter, screen: Screen) -> bool:
