@@ -40,15 +40,17 @@ def anyio_backend() -> str:
     return "asyncio"  # pyzmq's asyncio integration has no trio support
 
 
-def wait_for(pred: Callable[[], object], timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
-    """Poll ``pred`` until it returns a truthy value; fail the test after ``timeout`` s."""
+def wait_for(pred: Callable[[], object], timeout: float = 15.0, interval: float = 0.05,
+             what: str | Callable[[], str] = "condition"):
+    """Poll ``pred`` until it returns a truthy value; fail the test after ``timeout`` s (``what``
+    may be a callable, called then, to describe the state it timed out in)."""
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
 
 

@@ -190,3 +190,115 @@ def test_router_restart_recovers_held_messages(make_fleet, tmp_path_factory):
         assert {j.get(i).state for i in ids} == {"accepted"}
     finally:
         j.close()
+
+
+# --- issue 14: what a dead runtime never took goes back to the queue, counted at the agent ----------
+
+
+def run_in_thread(fn):
+    """Run ``fn`` (no arguments) in a thread; returns (thread, box) where box[0] is its result
+    or the exception it raised."""
+    import threading
+
+    box: list = []
+
+    def target():
+        try:
+            box.append(fn())
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            box.append(e)
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    return th, box
+
+
+def message(fe, body: str):
+    j = journal(fe)
+    try:
+        return next((m for m in j.messages(limit=1000) if m.body == body), None)
+    finally:
+        j.close()
+
+
+def changes(fe, msg_id: str) -> list[dict]:
+    j = journal(fe)
+    try:
+        return j.changes_of(msg_id)
+    finally:
+        j.close()
+
+
+def test_tmux_server_kill_while_awaiting_the_ack_requeues_the_message(make_fleet, tmp_path_factory):
+    """Item 1: the tmux server is killed while a message waits for its ack (the first runtime
+    never submits: ``--ignore-enter``, so verification is polling the pane after its extra Enter).
+    The message must go back to the queue and be typed into the restored runtime, which takes it:
+    ``accepted``, in the agent's record exactly once (it ended ``unconfirmed``, "vanished during
+    verification", on 6 of 7 kills before)."""
+    fe = make_fleet("version: 1\nagents: []\n", name="f")
+    rec = fe.home / "s0.jsonl"
+    flag = fe.home / "ignore-enter"  # runtimes started while it exists never submit
+    flag.touch()
+    script = (f'if [ -e {flag} ]; then exec fleet-stub --ignore-enter --record {rec}; '
+              f'else exec fleet-stub --record {rec}; fi')
+    fe.roster.write_text("version: 1\ntenant: t\ntransport: {kind: tmux, socket: fb}\n"
+                         "bus: {heartbeat_ms: 200, liveness: 3, restart_backoff_ms: 200}\n"
+                         f"agents:\n  - {{name: s0, runtime: stub, restart: always, command: [sh, -c, '{script}']}}\n")
+    from fleetbus.config import load_roster
+    from fleetbus.paths import fleet_paths
+
+    fe.fleet = load_roster(fe.roster)
+    fe.paths = fleet_paths(fe.fleet.tenant, fe.fleet.roster.transport.socket)
+    fe.paths.ensure()
+    fe.up()
+    th, box = run_in_thread(lambda: fe.send("s0", "through the kill", when="available", wait="accepted", timeout_s=90,
+                                            idempotency_key="k-through-the-kill"))
+    wait_for(lambda: (m := message(fe, "through the kill")) is not None and m.state == "injected", 30,
+             what=lambda: f"the message typed and waiting for its ack: {message(fe, 'through the kill')} {box} "
+                          f"{fe.tmux_cmd('capture-pane', '-p', '-t', '=s0:0.0')!r}")
+    time.sleep(2.0)  # past the draft check (1 s): the extra Enter was sent, the pane is being watched
+    flag.unlink()  # the runtime restored after the kill takes it
+    server = int(fe.tmux_cmd("display-message", "-p", "#{pid}").strip())
+    os.kill(server, signal.SIGKILL)
+    th.join(120)
+    assert box, "the send never answered"
+    r = box[0]
+    assert not isinstance(r, BaseException), r
+    assert (r.result, r.evidence) == ("accepted", "runtime-ack"), r
+    taken = [p for line in rec.read_text().splitlines() if (p := json.loads(line)["prompt"])]
+    assert sum(p.endswith("] through the kill") for p in taken) == 1, taken
+    assert any(c["state"] == "queued" and c["data"].get("code") == "runtime-died" for c in changes(fe, r.id))
+
+
+def test_prompt_only_queued_in_the_tui_goes_back_when_the_runtime_dies(make_fleet, tmp_path_factory):
+    """Item 2: the sidecar is stopped (SIGSTOP), so verification falls back to the pane; a
+    message sent during a turn waits in the stub's own queue. Pane-diff must say so (not
+    ``accepted``), and when the runtime is then killed the message must go back to the queue
+    and reach the restarted runtime: in the agent's record exactly once."""
+    fe = make(make_fleet, tmp_path_factory, ["q0"], think_ms=4000,
+              extra="bus: {heartbeat_ms: 200, liveness: 3, restart_backoff_ms: 200}\n")
+    fe.up()
+    assert fe.send("q0", "first, a long turn", timeout_s=30).result == "accepted"
+    sidecar = procs.sidecar_pid(fe.paths, "q0")
+    os.kill(sidecar, signal.SIGSTOP)
+    try:
+        wait_for(lambda: fe.ps()["q0"].heartbeat == "stale", 30, what="the sidecar seen stale")
+        th, box = run_in_thread(lambda: fe.send("q0", "second, sent during the turn", when="available",
+                                                wait="accepted", timeout_s=90, idempotency_key="k-second"))
+        wait_for(lambda: (m := message(fe, "second, sent during the turn")) is not None
+                 and m.state in ("runtime-queued", "accepted"), 30, what="pane-diff's verdict")
+        m = message(fe, "second, sent during the turn")
+        assert m.state == "runtime-queued", (m.state, m.result)
+        assert not any(p.endswith("] second, sent during the turn") for p in records(fe, "q0"))
+        runtime = fe.ps()["q0"].pid
+        os.kill(runtime, signal.SIGKILL)
+        th.join(120)
+    finally:
+        os.kill(sidecar, signal.SIGCONT)
+    assert box, "the send never answered"
+    r = box[0]
+    assert not isinstance(r, BaseException), r
+    assert r.result == "accepted", r
+    taken = records(fe, "q0")
+    assert sum(p.endswith("] second, sent during the turn") for p in taken) == 1, taken
+    assert any(c["state"] == "queued" and c["data"].get("code") == "runtime-died" for c in changes(fe, r.id))
